@@ -1,0 +1,286 @@
+"""Uniform quantizers of the paper, written in plain ``jax.numpy``.
+
+A quantized weight is stored as an integer *level* ``w_d`` and used by the
+network as the fixed-point value ``w_q = w_d / gamma`` (Lee et al., 2025, and
+``METHOD.md`` of this project):
+
+* weights, ``b >= 2`` bits: ``w_d = round(clip(gamma * w / s, alpha, beta))``
+  with ``alpha = -2^(b-1)``, ``beta = 2^(b-1) - 1``, ``gamma = 2^(b-1)``;
+* weights, ``b = 1``: ``w_d = 1[w > 0]`` in ``{0, 1}``, value ``2 * w_d - 1``;
+* activations (after ReLU), ``b`` bits: ``alpha = 0``, ``beta = 2^b - 1``,
+  ``gamma = 2^b``.
+
+The step size ``s`` is not multiplied back by default (a batch norm after the
+layer absorbs it). Gradients pass through ``round`` with the straight-through
+estimator, so ``d w_q / d w = 1 / s`` inside the clip range and 0 outside.
+
+The transition rate that ``talr_optax`` schedules is counted on the integer
+levels returned by :func:`weight_levels`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "QuantRange",
+    "weight_range",
+    "activation_range",
+    "weight_levels",
+    "activation_levels",
+    "fake_quant_weight",
+    "fake_quant_activation",
+    "initial_weight_scale",
+    "initial_activation_scale",
+    "distance_to_transition",
+    "levels_fn_from_scales",
+    "validate_bits",
+]
+
+# Levels of weights with at most 8 bits fit int8; the optimizer stores them so.
+LEVEL_DTYPE = jnp.int8
+# Activation levels reach 2^8 - 1 = 255 at 8 bits, which does not fit int8.
+ACTIVATION_LEVEL_DTYPE = jnp.int32
+
+
+class QuantRange(NamedTuple):
+  """Static constants of a uniform quantizer: ``round(clip(gamma*x/s, alpha, beta))``."""
+
+  alpha: int
+  beta: int
+  gamma: int
+
+
+def validate_bits(bits: Any, name: str = "bits") -> int:
+  """Returns ``bits`` as an ``int`` or raises a ``ValueError`` naming ``name``."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+    raise ValueError(
+        f"{name} must be an integer in [1, 8], got {name} = {bits!r}."
+    )
+  return bits
+
+
+def weight_range(bits: int) -> QuantRange:
+  """Signed range of ``bits``-bit weights; ``bits = 1`` is the binary code {0, 1}."""
+  bits = validate_bits(bits)
+  if bits == 1:
+    return QuantRange(alpha=0, beta=1, gamma=1)
+  half = 2 ** (bits - 1)
+  return QuantRange(alpha=-half, beta=half - 1, gamma=half)
+
+
+def activation_range(bits: int) -> QuantRange:
+  """Unsigned range of ``bits``-bit activations (inputs after a ReLU)."""
+  bits = validate_bits(bits)
+  return QuantRange(alpha=0, beta=2**bits - 1, gamma=2**bits)
+
+
+def _check_scale(scale: jax.typing.ArrayLike, name: str = "scale") -> None:
+  """Rejects non-positive step sizes when their value is known (not traced)."""
+  if isinstance(scale, jax.core.Tracer):
+    return
+  try:
+    value = np.asarray(scale)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{name} must be a positive number or array, got {scale!r}.") from e
+  if not np.issubdtype(value.dtype, np.number):
+    raise ValueError(f"{name} must be a positive number or array, got {scale!r}.")
+  if value.size and not bool(np.all(value > 0)):
+    raise ValueError(
+        f"{name} must be > 0 everywhere (the quantizer step size), got "
+        f"min({name}) = {float(np.min(value))}."
+    )
+
+
+def _scaled(x: jax.Array, scale: jax.typing.ArrayLike, q: QuantRange) -> jax.Array:
+  """``clip(gamma * x / s, alpha, beta)``: the level before rounding."""
+  return jnp.clip(q.gamma * x / scale, q.alpha, q.beta)
+
+
+def weight_levels(
+    w: jax.Array, scale: jax.typing.ArrayLike, bits: int
+) -> jax.Array:
+  """Integer levels ``w_d`` of weights ``w`` (int8).
+
+  Args:
+    w: latent full-precision weights.
+    scale: step size ``s`` (> 0), a scalar or an array broadcastable to ``w``
+      (per channel).
+    bits: weight bit width in ``[1, 8]``.
+
+  Returns:
+    An int8 array shaped like ``w``: levels in ``[-2^(b-1), 2^(b-1) - 1]``,
+    or ``{0, 1}`` for ``bits = 1`` (``w = 0`` maps to 0, i.e. to -1).
+  """
+  q = weight_range(bits)
+  _check_scale(scale)
+  if bits == 1:
+    # round((clip(w/s, -1, 1) + 1) / 2) is exactly 1[w > 0] (ties to even).
+    return (w > 0).astype(LEVEL_DTYPE)
+  return jnp.round(_scaled(w, scale, q)).astype(LEVEL_DTYPE)
+
+
+def activation_levels(
+    x: jax.Array, scale: jax.typing.ArrayLike, bits: int
+) -> jax.Array:
+  """Integer levels ``a_d`` in ``[0, 2^b - 1]`` of non-negative activations (int32)."""
+  q = activation_range(bits)
+  _check_scale(scale)
+  return jnp.round(_scaled(x, scale, q)).astype(ACTIVATION_LEVEL_DTYPE)
+
+
+def _round_ste(x: jax.Array) -> jax.Array:
+  """``round(x)`` in the forward pass, identity in the backward pass."""
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def fake_quant_weight(
+    w: jax.Array,
+    scale: jax.typing.ArrayLike,
+    bits: int,
+    *,
+    multiply_scale: bool = False,
+) -> jax.Array:
+  """Quantized value ``w_q`` of ``w`` with straight-through gradients.
+
+  Args:
+    w: latent weights.
+    scale: step size ``s`` (> 0), scalar or broadcastable to ``w``.
+    bits: weight bit width in ``[1, 8]``.
+    multiply_scale: if True return ``w_q * s`` (for layers without a batch
+      norm after them). The levels and the transitions do not change.
+
+  Returns:
+    ``w_d / gamma`` (``2 * w_d - 1`` for binary), dtype of ``w``. Its gradient
+    with respect to ``w`` is ``1 / s`` inside the clip range and 0 outside
+    (``1`` inside when ``multiply_scale``).
+  """
+  q = weight_range(bits)
+  _check_scale(scale)
+  if bits == 1:
+    u = jnp.clip(w / scale, -1.0, 1.0)
+    value = u + jax.lax.stop_gradient(jnp.where(w > 0, 1.0, -1.0).astype(u.dtype) - u)
+  else:
+    value = _round_ste(_scaled(w, scale, q)) / q.gamma
+  value = value * scale if multiply_scale else value
+  return value.astype(w.dtype)
+
+
+def fake_quant_activation(
+    x: jax.Array, scale: jax.typing.ArrayLike, bits: int
+) -> jax.Array:
+  """Quantized activation ``a_d / gamma`` with straight-through gradients.
+
+  Gradients flow to ``x`` (``1/s`` inside the range) and to a learned ``scale``
+  through the clip; no LSQ gradient scaling is applied.
+  """
+  q = activation_range(bits)
+  _check_scale(scale)
+  return (_round_ste(_scaled(x, scale, q)) / q.gamma).astype(x.dtype)
+
+
+def initial_weight_scale(w: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+  """Frozen weight step size ``s = 3 * std(w)``, per tensor or over ``axis``.
+
+  With ``axis`` given, the reduced axes are kept (size 1) so the result
+  broadcasts against ``w`` for per-channel scales.
+  """
+  w = jnp.asarray(w)
+  return 3.0 * jnp.std(w, axis=axis, keepdims=axis is not None)
+
+
+def initial_activation_scale(x: jax.Array) -> jax.Array:
+  """Activation step size ``3 * std(x) / sqrt(1 - 2 / pi)`` from a first batch.
+
+  ``sqrt(1 - 2/pi)`` is the std of a half-normal of unit scale: it corrects for
+  the ReLU cutting the input distribution in half.
+  """
+  return 3.0 * jnp.std(jnp.asarray(x)) / math.sqrt(1.0 - 2.0 / math.pi)
+
+
+def distance_to_transition(
+    w: jax.Array, scale: jax.typing.ArrayLike, bits: int
+) -> jax.Array:
+  """Normalised distance of each weight to its nearest transition point.
+
+  ``0.5 - |u - round(u)|`` with ``u = clip(gamma * w / s, alpha, beta)``: 0 on a
+  transition point, 0.5 on a level (and beyond the outer levels). Binary:
+  ``min(|w| / s, 1)``.
+  """
+  q = weight_range(bits)
+  _check_scale(scale)
+  if bits == 1:
+    return jnp.minimum(jnp.abs(w) / scale, 1.0)
+  u = _scaled(w, scale, q)
+  return 0.5 - jnp.abs(u - jnp.round(u))
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def levels_fn_from_scales(
+    scales: Any, bits: Any
+) -> Callable[[Any], Any]:
+  """Builds a ``levels_fn`` for :func:`talr_optax.scale_by_talr` in functional code.
+
+  Args:
+    scales: a pytree shaped like the params with a step size (scalar or
+      per-channel array, > 0) for every quantized weight and ``None`` for
+      full-precision leaves.
+    bits: an int in ``[1, 8]`` for all quantized weights, or a pytree like
+      ``scales`` with an int per quantized leaf.
+
+  Returns:
+    ``levels_fn(params)``: int8 levels for quantized leaves, ``None`` elsewhere
+    (also for ``optax.MaskedNode`` leaves left by ``optax.masked``).
+
+  Example:
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+    >>> levels_fn = levels_fn_from_scales({"w": 1.0, "b": None}, bits=2)
+    >>> levels_fn(params)["w"].dtype
+    dtype('int8')
+  """
+  scale_leaves, treedef = jax.tree.flatten(scales, is_leaf=_is_none)
+  if all(s is None for s in scale_leaves):
+    raise ValueError("scales must hold a step size for at least one leaf, got only None.")
+  if isinstance(bits, int) and not isinstance(bits, bool):
+    bit_leaves = [None if s is None else validate_bits(bits) for s in scale_leaves]
+  else:
+    try:
+      bit_leaves = treedef.flatten_up_to(bits)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "bits must be an int in [1, 8] or a pytree with the structure of "
+          f"scales; got a mismatching pytree: {e}"
+      ) from e
+    for s, b in zip(scale_leaves, bit_leaves):
+      if s is not None:
+        validate_bits(b)
+  for i, s in enumerate(scale_leaves):
+    if s is not None:
+      _check_scale(s, name=f"scales[{i}]")
+
+  def levels_fn(params: Any) -> Any:
+    try:
+      param_leaves = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"params do not have the structure of the scales given to "
+          f"levels_fn_from_scales: {e}"
+      ) from e
+    out = []
+    for p, s, b in zip(param_leaves, scale_leaves, bit_leaves):
+      if s is None or p is None or isinstance(p, optax.MaskedNode):
+        out.append(None)
+      else:
+        out.append(weight_levels(p, s, b))
+    return treedef.unflatten(out)
+
+  return levels_fn

@@ -1,0 +1,21 @@
+"""The shipped examples run end to end."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_runs_and_reports(capsys, monkeypatch):
+  pytest.importorskip("sklearn")
+  monkeypatch.setattr(sys, "argv", ["quickstart.py"])
+  runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+  out = capsys.readouterr().out
+  assert "test accuracy" in out
+  # Both runs learn the task well above chance (10 classes).
+  line = next(l for l in out.splitlines() if "test accuracy" in l)
+  accs = [float(line.split("SGD:")[1].split()[0]), float(line.split("SGDT:")[1].split()[0])]
+  assert min(accs) > 0.8
