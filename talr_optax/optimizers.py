@@ -19,6 +19,7 @@ from talr_optax.transform import (
     ScalarOrSchedule,
     _check_number,
     _check_scalar_or_schedule,
+    _concrete_float,
     scale_by_talr,
 )
 
@@ -28,13 +29,34 @@ __all__ = ["sgdt", "adamt", "adamwt"]
 def _base_rate(learning_rate: ScalarOrSchedule) -> Any:
   """TALR's base rate: the learning rate, or a schedule's value at step 0."""
   if callable(learning_rate):
-    return learning_rate(jnp.asarray(0, jnp.int32))
+    value = learning_rate(jnp.asarray(0, jnp.int32))
+    x = _concrete_float(value)
+    if x is not None and not (x > 0 and np.isfinite(x)):
+      raise ValueError(
+          "learning_rate is a schedule whose value at step 0 is"
+          f" {x!r}, but TALR uses that value as its base rate U_0 (and the scale"
+          " of c), which must be in (0, inf): start the schedule above 0 (e.g. a"
+          " warmup with init_value > 0)."
+      )
+    return value
   return learning_rate
+
+
+def _is_zero(value: Any) -> bool:
+  """True for a Python number equal to 0.
+
+  Arrays (e.g. hyperparameters re-injected by ``optax.inject_hyperparams``,
+  traced in ``update``) keep their stage even when 0, so that ``init`` and
+  ``update`` build the same chain; a stage with coefficient 0 is the identity.
+  """
+  return isinstance(value, (int, float)) and value == 0
 
 
 def _talr_stage(learning_rate, target_transition_rate, levels_fn, ema_momentum,
                 rule, granularity, rate):
   _check_scalar_or_schedule("learning_rate", learning_rate, low_open=True)
+  # scale_by_talr calls it `momentum`, which here names the SGD momentum.
+  _check_number("ema_momentum", ema_momentum, 0.0, 1.0, low_open=False, high_open=True)
   return scale_by_talr(
       target_transition_rate,
       levels_fn,
@@ -49,7 +71,7 @@ def _talr_stage(learning_rate, target_transition_rate, levels_fn, ema_momentum,
 
 def _decay(weight_decay: float, mask: Any) -> list[optax.GradientTransformation]:
   _check_number("weight_decay", weight_decay, 0.0, np.inf, low_open=False, high_open=True)
-  return [optax.add_decayed_weights(weight_decay, mask)] if weight_decay else []
+  return [] if _is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, mask)]
 
 
 def sgdt(
@@ -77,7 +99,9 @@ def sgdt(
     target_transition_rate: float in ``[0, 1]`` or schedule, e.g.
       ``cosine_target(initial_target(2), total_steps)``.
     levels_fn: ``params -> levels`` (see :func:`scale_by_talr`).
-    momentum: momentum of ``optax.trace``, in ``[0, 1)``; 0 disables it.
+    momentum: momentum of ``optax.trace``, in ``[0, 1)``; a Python 0 drops
+      the stage (an array 0, e.g. under ``optax.inject_hyperparams``, keeps it
+      with the same result).
     nesterov: Nesterov momentum.
     weight_decay: coupled L2 coefficient (>= 0).
     weight_decay_mask: mask (pytree or callable) of the leaves to decay.
@@ -90,8 +114,10 @@ def sgdt(
     An :class:`optax.GradientTransformationExtraArgs`.
   """
   _check_number("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
+  if not isinstance(nesterov, bool):
+    raise ValueError(f"nesterov must be a bool, got nesterov = {nesterov!r}.")
   stages = _decay(weight_decay, weight_decay_mask)
-  if momentum:
+  if not _is_zero(momentum):
     stages.append(optax.trace(decay=momentum, nesterov=nesterov))
   stages.append(_talr_stage(learning_rate, target_transition_rate, levels_fn,
                             ema_momentum, rule, granularity, rate))

@@ -21,6 +21,7 @@ levels returned by :func:`weight_levels`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -59,11 +60,12 @@ class QuantRange(NamedTuple):
 
 def validate_bits(bits: Any, name: str = "bits") -> int:
   """Returns ``bits`` as an ``int`` or raises a ``ValueError`` naming ``name``."""
-  if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+  if (isinstance(bits, (bool, np.bool_)) or not isinstance(bits, numbers.Integral)
+      or not 1 <= bits <= 8):
     raise ValueError(
         f"{name} must be an integer in [1, 8], got {name} = {bits!r}."
     )
-  return bits
+  return int(bits)
 
 
 def weight_range(bits: int) -> QuantRange:
@@ -81,8 +83,49 @@ def activation_range(bits: int) -> QuantRange:
   return QuantRange(alpha=0, beta=2**bits - 1, gamma=2**bits)
 
 
-def _check_scale(scale: jax.typing.ArrayLike, name: str = "scale") -> None:
-  """Rejects non-positive step sizes when their value is known (not traced)."""
+def _check_input(x: Any, name: str) -> None:
+  """Rejects what is not a numeric array before JAX fails deep inside an op."""
+  if isinstance(x, optax.MaskedNode):
+    raise ValueError(
+        f"{name} is an optax.MaskedNode: under optax.masked / optax.partition a"
+        " levels_fn receives MaskedNode for the leaves outside its group and"
+        " must return None for them (levels_fn_from_scales does)."
+    )
+  ok = isinstance(x, (jax.Array, np.ndarray, np.generic, int, float)) or hasattr(
+      x, "__jax_array__")
+  if ok and not isinstance(x, (bool, np.bool_)):
+    try:
+      ok = jnp.issubdtype(jnp.result_type(x), jnp.number)
+    except TypeError:
+      ok = False
+  else:
+    ok = False
+  if not ok:
+    kind = getattr(x, "dtype", type(x).__name__)
+    raise ValueError(
+        f"{name} must be a numeric array, got {name} of type {kind}:"
+        f" {str(x)[:80]}"
+    )
+
+
+def _check_scale(scale: jax.typing.ArrayLike, name: str = "scale",
+                 like: Any = None) -> None:
+  """Rejects non-positive step sizes when their value is known (not traced).
+
+  With ``like`` given, also rejects a shape that does not broadcast to it.
+  """
+  if like is not None and hasattr(scale, "shape"):
+    shape, target = tuple(np.shape(scale)), tuple(np.shape(like))
+    try:
+      fits = np.broadcast_shapes(shape, target) == target
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(
+          f"{name} has shape {shape}, which does not broadcast to the input's"
+          f" shape {target}: pass a scalar or a per-channel array with size-1"
+          " axes, e.g. initial_weight_scale(w, axis=...)."
+      )
   if isinstance(scale, jax.core.Tracer):
     return
   try:
@@ -103,6 +146,12 @@ def _scaled(x: jax.Array, scale: jax.typing.ArrayLike, q: QuantRange) -> jax.Arr
   return jnp.clip(q.gamma * x / scale, q.alpha, q.beta)
 
 
+def _to_levels(u: jax.Array, dtype: Any) -> jax.Array:
+  """Rounds to integer levels; NaN (undefined in an int cast) becomes level 0."""
+  u = jnp.round(u)
+  return jnp.where(jnp.isnan(u), 0, u).astype(dtype)
+
+
 def weight_levels(
     w: jax.Array, scale: jax.typing.ArrayLike, bits: int
 ) -> jax.Array:
@@ -117,22 +166,30 @@ def weight_levels(
   Returns:
     An int8 array shaped like ``w``: levels in ``[-2^(b-1), 2^(b-1) - 1]``,
     or ``{0, 1}`` for ``bits = 1`` (``w = 0`` maps to 0, i.e. to -1).
+    ``+-inf`` maps to the outer levels; NaN to the level of ``w = 0`` (0),
+    the same on every backend (a NaN cast to int is undefined in XLA).
   """
   q = weight_range(bits)
-  _check_scale(scale)
+  _check_input(w, "w")
+  _check_scale(scale, like=w)
   if bits == 1:
-    # round((clip(w/s, -1, 1) + 1) / 2) is exactly 1[w > 0] (ties to even).
+    # round((clip(w/s, -1, 1) + 1) / 2) is exactly 1[w > 0] (ties to even),
+    # and NaN > 0 is False: NaN gets level 0 here too.
     return (w > 0).astype(LEVEL_DTYPE)
-  return jnp.round(_scaled(w, scale, q)).astype(LEVEL_DTYPE)
+  return _to_levels(_scaled(w, scale, q), LEVEL_DTYPE)
 
 
 def activation_levels(
     x: jax.Array, scale: jax.typing.ArrayLike, bits: int
 ) -> jax.Array:
-  """Integer levels ``a_d`` in ``[0, 2^b - 1]`` of non-negative activations (int32)."""
+  """Integer levels ``a_d`` in ``[0, 2^b - 1]`` of non-negative activations (int32).
+
+  NaN maps to level 0, as in :func:`weight_levels`.
+  """
   q = activation_range(bits)
-  _check_scale(scale)
-  return jnp.round(_scaled(x, scale, q)).astype(ACTIVATION_LEVEL_DTYPE)
+  _check_input(x, "x")
+  _check_scale(scale, like=x)
+  return _to_levels(_scaled(x, scale, q), ACTIVATION_LEVEL_DTYPE)
 
 
 def _round_ste(x: jax.Array) -> jax.Array:
@@ -162,7 +219,8 @@ def fake_quant_weight(
     (``1`` inside when ``multiply_scale``).
   """
   q = weight_range(bits)
-  _check_scale(scale)
+  _check_input(w, "w")
+  _check_scale(scale, like=w)
   if bits == 1:
     u = jnp.clip(w / scale, -1.0, 1.0)
     value = u + jax.lax.stop_gradient(jnp.where(w > 0, 1.0, -1.0).astype(u.dtype) - u)
@@ -181,7 +239,8 @@ def fake_quant_activation(
   through the clip; no LSQ gradient scaling is applied.
   """
   q = activation_range(bits)
-  _check_scale(scale)
+  _check_input(x, "x")
+  _check_scale(scale, like=x)
   return (_round_ste(_scaled(x, scale, q)) / q.gamma).astype(x.dtype)
 
 
@@ -214,7 +273,8 @@ def distance_to_transition(
   ``min(|w| / s, 1)``.
   """
   q = weight_range(bits)
-  _check_scale(scale)
+  _check_input(w, "w")
+  _check_scale(scale, like=w)
   if bits == 1:
     return jnp.minimum(jnp.abs(w) / scale, 1.0)
   u = _scaled(w, scale, q)
@@ -250,7 +310,7 @@ def levels_fn_from_scales(
   scale_leaves, treedef = jax.tree.flatten(scales, is_leaf=_is_none)
   if all(s is None for s in scale_leaves):
     raise ValueError("scales must hold a step size for at least one leaf, got only None.")
-  if isinstance(bits, int) and not isinstance(bits, bool):
+  if isinstance(bits, numbers.Integral) and not isinstance(bits, (bool, np.bool_)):
     bit_leaves = [None if s is None else validate_bits(bits) for s in scale_leaves]
   else:
     try:
@@ -271,6 +331,13 @@ def levels_fn_from_scales(
     try:
       param_leaves = treedef.flatten_up_to(params)
     except (ValueError, TypeError) as e:
+      if getattr(params, "shape", None) == () and jnp.issubdtype(
+          getattr(params, "dtype", np.float32), jnp.integer):
+        raise ValueError(
+            "levels_fn was called with a step count instead of params: under"
+            " optax.inject_hyperparams pass static_args=('levels_fn',), since"
+            " it treats every callable argument as a schedule."
+        ) from None
       raise ValueError(
           f"params do not have the structure of the scales given to "
           f"levels_fn_from_scales: {e}"

@@ -9,12 +9,19 @@ as a target.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import optax
 
 from talr_optax.quantizers import validate_bits
 
 __all__ = ["initial_target", "cosine_target"]
+
+
+def _is_real(x) -> bool:
+  """A real Python or NumPy number (not bool); NaN passes, range checks reject it."""
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def initial_target(bits: int, lam: float = 5e-3) -> float:
@@ -27,10 +34,10 @@ def initial_target(bits: int, lam: float = 5e-3) -> float:
   Returns:
     ``R_0`` as a Python float (e.g. ``5e-3 * sqrt(2) = 7.07e-3`` for W2).
   """
-  validate_bits(bits)
-  if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:
+  bits = validate_bits(bits)
+  if not _is_real(lam) or not 0 < lam <= 1:
     raise ValueError(f"lam must be a number in (0, 1], got lam = {lam!r}.")
-  rate = lam * math.sqrt(bits)
+  rate = float(lam) * math.sqrt(bits)
   if rate > 1:
     raise ValueError(
         f"lam * sqrt(bits) = {rate:g} is not a rate in [0, 1]; lower lam."
@@ -55,18 +62,19 @@ def cosine_target(
   Returns:
     An ``optax.Schedule`` (built on ``optax.cosine_decay_schedule``).
   """
-  if isinstance(init_rate, bool) or not isinstance(init_rate, (int, float)) or not 0 < init_rate <= 1:
+  if not _is_real(init_rate) or not 0 < init_rate <= 1:
     raise ValueError(f"init_rate must be a number in (0, 1], got init_rate = {init_rate!r}.")
-  if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+  if (isinstance(total_steps, (bool, np.bool_))
+      or not isinstance(total_steps, numbers.Integral) or total_steps <= 0):
     raise ValueError(
         f"total_steps must be an integer > 0, got total_steps = {total_steps!r}."
     )
-  if (isinstance(final_rate, bool) or not isinstance(final_rate, (int, float))
-      or not 0 <= final_rate <= init_rate):
+  if not _is_real(final_rate) or not 0 <= final_rate <= init_rate:
     raise ValueError(
         f"final_rate must be a number in [0, init_rate = {init_rate}], got"
         f" final_rate = {final_rate!r}."
     )
   return optax.cosine_decay_schedule(
-      init_value=init_rate, decay_steps=total_steps, alpha=final_rate / init_rate
+      init_value=float(init_rate), decay_steps=int(total_steps),
+      alpha=float(final_rate) / float(init_rate)
   )

@@ -45,6 +45,11 @@ _EPS = 1e-8
 # below the resolution of bfloat16 around 1.
 _RATE_DTYPE = jnp.float32
 _LEVEL_DTYPE = jnp.int8
+# Largest float32. The multiplicative rule multiplies c by up to
+# m + (1 - m) R / 1e-8 per step, so a tensor that stops moving (zero gradient,
+# all weights beyond the clip range, a diverged tensor) overflows c to inf in a
+# few hundred steps, and inf * (a zero gradient) is NaN. c and U saturate here.
+_RATE_MAX = float(np.finfo(np.float32).max)
 
 
 class ScaleByTALRState(NamedTuple):
@@ -94,7 +99,7 @@ def _concrete_float(value: Any) -> Optional[float]:
     array = np.asarray(value)
   except Exception:  # pylint: disable=broad-except
     return None
-  if array.shape != () or not np.issubdtype(array.dtype, np.number):
+  if array.shape != () or not jnp.issubdtype(array.dtype, jnp.number):  # incl. bfloat16
     return None
   return float(array)
 
@@ -125,6 +130,28 @@ def _check_scalar_or_schedule(name: str, value: Any, low_open: bool) -> None:
   if callable(value):
     return
   _check_number(name, value, 0.0, np.inf, low_open=low_open, high_open=True)
+
+
+def _check_target_schedule(schedule: Callable[[jax.Array], Any]) -> None:
+  """Checks a target schedule's value at step 0 when it is concrete."""
+  try:
+    value = schedule(jnp.asarray(0, jnp.int32))
+  except Exception:  # pylint: disable=broad-except
+    return  # not a plain count -> rate function; init will call it and say so
+  x = _concrete_float(value)
+  if x is not None and not (0.0 <= x <= 1.0):
+    raise ValueError(
+        "target_transition_rate must be in [0, 1] (a fraction of weights per"
+        f" step); it is a schedule whose value at step 0 is {x!r}."
+    )
+
+
+def _not_callable_levels_fn(levels_fn: Any) -> ValueError:
+  return ValueError(
+      "levels_fn must be callable (params -> levels), got"
+      f" levels_fn = {levels_fn!r}. Under optax.inject_hyperparams pass"
+      " static_args=('levels_fn',): it treats every callable as a schedule."
+  )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -208,6 +235,13 @@ def _check_level(i: int, level: Any, param: Any) -> jax.Array:
 def _levels_or_none(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any]) -> Any:
   if "levels" in extra_args and extra_args["levels"] is not None:
     return extra_args["levels"]
+  if type(params).__name__ == "_ParamsPlaceholder":
+    raise ValueError(
+        "optax.tree.map_params cannot map a TALR state: its init calls"
+        " levels_fn on the real params (a placeholder has no levels). To shard"
+        " the state, call tx.init (or jax.jit(tx.init)) on sharded params:"
+        " levels take the sharding of their params, rates are replicated."
+    )
   if params is None:
     raise ValueError(
         "scale_by_talr needs params in update to compute the quantization"
@@ -225,7 +259,7 @@ def _read_levels(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any],
   treedef of the levels.
   """
   if not callable(levels_fn):
-    raise ValueError(f"levels_fn must be callable, got {levels_fn!r}.")
+    raise _not_callable_levels_fn(levels_fn)
   raw = _levels_or_none(levels_fn, params, extra_args)
   leaves, treedef = _flatten_levels(raw)
   matched = _match(treedef, reference, "params")
@@ -233,8 +267,17 @@ def _read_levels(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any],
   for i, (level, ref) in enumerate(zip(leaves, matched)):
     if level is None or _is_masked(level) or _is_masked(ref) or ref is None:
       out.append(None)
-    else:
-      out.append(_check_level(i, level, ref))
+      continue
+    if not hasattr(_array_leaf(ref), "shape"):
+      # A levels pytree that is a strict prefix of params would otherwise
+      # scale a whole subtree by the rate of one level array.
+      raise ValueError(
+          f"levels_fn returned one level array at leaf {i} where params hold a"
+          f" subtree with {len(jax.tree.leaves(ref))} leaves: levels_fn must"
+          " return a pytree with the structure of params (an integer array per"
+          " quantized leaf, None elsewhere)."
+      )
+    out.append(_check_level(i, level, ref))
   return out, treedef
 
 
@@ -249,6 +292,16 @@ def _measure(levels: list[Any], prev: list[Any]) -> tuple[list[Any], list[Any]]:
       counts.append(count_transitions(new, old))
       sizes.append(new.size)
   return counts, sizes
+
+
+def _scale(g: jax.Array, lr: jax.Array) -> jax.Array:
+  """``-lr * g`` in the dtype of ``g``.
+
+  Low-precision updates are multiplied in float32 and rounded once: a large
+  ``U`` cast to float16 first would be inf, and inf times a zero gradient NaN.
+  """
+  compute = jnp.promote_types(g.dtype, _RATE_DTYPE)
+  return (-lr.astype(compute) * g.astype(compute)).astype(g.dtype)
 
 
 def _rate_tree(treedef: Any, values: list[Any]) -> Any:
@@ -307,6 +360,18 @@ def scale_by_talr(
   previous update; the levels of the params at ``init`` are the first previous
   levels. ``K_0 = R_0``, ``U_0 = lr``, ``c_0 = 1``.
 
+  Non-finite values. ``k``, ``K``, ``c`` and ``U`` are computed from integer
+  levels only, never from gradients, so a NaN or Inf gradient or param in one
+  tensor cannot make another tensor's rates non-finite (with
+  ``granularity="global"`` the shared rate stays finite too). The tensor
+  itself: its update ``-U * g`` is NaN where ``g`` is; NaN weights have level
+  0 under :func:`talr_optax.weight_levels` (the level of ``w = 0``), so it
+  counts one burst of transitions, then none, and like any tensor that stops
+  moving its ``U`` grows. ``c`` and ``U`` saturate at the largest float32
+  instead of overflowing, so a zero gradient still gives a zero update. Wrap
+  the optimizer in ``optax.apply_if_finite`` to skip non-finite steps: the
+  state is then left exactly unchanged.
+
   Args:
     target_transition_rate: target ``R`` in ``[0, 1]``, a float or a schedule
       (step count -> rate), e.g. :func:`talr_optax.cosine_target`.
@@ -338,11 +403,13 @@ def scale_by_talr(
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
     Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
   """
-  if not callable(target_transition_rate):
+  if callable(target_transition_rate):
+    _check_target_schedule(target_transition_rate)
+  else:
     _check_number("target_transition_rate", target_transition_rate, 0.0, 1.0,
                   low_open=False, high_open=False)
   if not callable(levels_fn):
-    raise ValueError(f"levels_fn must be callable (params -> levels), got {levels_fn!r}.")
+    raise _not_callable_levels_fn(levels_fn)
   _check_number("learning_rate", learning_rate, 0.0, np.inf, low_open=True, high_open=True)
   _check_choice("rule", rule, _RULES)
   _check_number("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
@@ -390,10 +457,13 @@ def scale_by_talr(
     r0 = _scalar(target_fn(jnp.asarray(0, jnp.int32)))
     one = jnp.ones((), _RATE_DTYPE)
 
+    # A separate buffer per leaf: the state can then be donated to a jitted
+    # step (jax.jit(..., donate_argnums)) straight after init.
     def fill(value):
       if granularity == "global":
-        return value
-      return _rate_tree(treedef, [value if q else None for q in quantized])
+        return jnp.array(value, _RATE_DTYPE)
+      return _rate_tree(
+          treedef, [jnp.array(value, _RATE_DTYPE) if q else None for q in quantized])
 
     return ScaleByTALRState(
         talr_count=jnp.zeros((), jnp.int32),
@@ -411,7 +481,8 @@ def scale_by_talr(
       U = jnp.maximum(0.0, U + eta * (R - K))
     else:
       c = momentum * c + (1.0 - momentum) * c * R / (K + _EPS)
-      U = learning_rate * c
+      c = jnp.minimum(c, _RATE_MAX)
+      U = jnp.minimum(learning_rate * c, _RATE_MAX)
     return K.astype(_RATE_DTYPE), U.astype(_RATE_DTYPE), c.astype(_RATE_DTYPE)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -460,9 +531,9 @@ def scale_by_talr(
       if u is None or _is_masked(u):
         scaled.append(u)
       elif lr is not None:
-        scaled.append(jax.tree.map(lambda g, lr=lr: (-lr).astype(g.dtype) * g, u))
+        scaled.append(jax.tree.map(lambda g, lr=lr: _scale(g, lr), u))
       elif fallback is not None:
-        scaled.append(jax.tree.map(lambda g: (-fallback).astype(g.dtype) * g, u))
+        scaled.append(jax.tree.map(lambda g: _scale(g, fallback), u))
       else:
         raise ValueError(
             f"update leaf {i} is not quantized and no fallback_learning_rate was"
@@ -505,7 +576,7 @@ def track_transitions(
     :func:`scale_by_talr`.
   """
   if not callable(levels_fn):
-    raise ValueError(f"levels_fn must be callable (params -> levels), got {levels_fn!r}.")
+    raise _not_callable_levels_fn(levels_fn)
   _check_number("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
   _check_number("initial_rate", initial_rate, 0.0, 1.0, low_open=False, high_open=False)
 
@@ -513,7 +584,8 @@ def track_transitions(
     levels, treedef = _read_levels(levels_fn, params, {}, params)
     if all(lv is None for lv in levels):
       raise ValueError("levels_fn returned no quantized leaf (only None): nothing to track.")
-    fill = lambda v: _rate_tree(treedef, [None if lv is None else v for lv in levels])
+    fill = lambda v: _rate_tree(  # a buffer per leaf, so the state can be donated
+        treedef, [None if lv is None else jnp.array(v, _RATE_DTYPE) for lv in levels])
     return TrackTransitionsState(
         prev_levels=_rate_tree(treedef, levels),
         transition_rate=fill(jnp.zeros((), _RATE_DTYPE)),

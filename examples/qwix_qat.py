@@ -1,0 +1,107 @@
+"""TALR with Qwix: 2-bit QAT of an NNX MLP on scikit-learn's digits, SGD vs SGDT.
+
+Qwix quantizes the two hidden layers to 2 bits (``qwix.QtProvider``). Their
+weight scale is frozen at ``3 std(w)`` of the pretrained weights with
+``talr_optax.qwix.frozen_scale_rules``, so a level changes only when a weight
+crosses a transition point (by default Qwix recomputes the scale every step).
+``levels_fn_from_qwix`` gives TALR the integers Qwix uses in its forward pass.
+
+    python examples/qwix_qat.py
+"""
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+import qwix
+
+import talr_optax
+from talr_optax import data
+import talr_optax.qwix as tq
+
+BITS, PRETRAIN_STEPS, QAT_STEPS, BATCH, LR = 2, 300, 800, 64, 0.05
+# Weights beyond Qwix's fixed range sit on the outer levels with zero gradient;
+# decay pulls them back. Without it, longer SGDT runs of this MLP (no batch
+# norm) left up to half the weights there and TALR raised U without bound.
+WEIGHT_DECAY = 5e-4
+RULES = [qwix.QtRule(module_path="fc2|fc3", weight_qtype=f"int{BITS}")]
+
+
+class MLP(nnx.Module):
+  """64 -> 256 -> 256 -> 256 -> 10; first and last layer stay full precision."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(64, 256, rngs=rngs)
+    self.fc2 = nnx.Linear(256, 256, rngs=rngs)
+    self.fc3 = nnx.Linear(256, 256, rngs=rngs)
+    self.head = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+    x = jax.nn.relu(self.fc2(x))
+    x = jax.nn.relu(self.fc3(x))
+    return self.head(x)
+
+
+@nnx.jit
+def train_step(model, optimizer, x, y):
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  optimizer.update(model, nnx.grad(loss)(model))
+
+
+@nnx.jit
+def accuracy(model, x, y):
+  return (model(x).argmax(-1) == y).mean()
+
+
+def train(model, tx, split, steps, seed, log_every=None):
+  """``steps`` SGD steps on random batches; returns the optimizer and a log of
+  ``(step, talr_optax.metrics)`` every ``log_every`` steps."""
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  log = []
+  for step in range(1, steps + 1):
+    idx = rng.integers(0, len(split.labels), BATCH)
+    train_step(model, optimizer, split.images[idx], split.labels[idx])
+    if log_every and step % log_every == 0:
+      log.append((step, talr_optax.metrics(nnx.as_pure(optimizer.opt_state))))
+  return optimizer, log
+
+
+def main():
+  digits = data.load_digits()
+  test = (digits.test.images, digits.test.labels)
+
+  # QAT starts from a full-precision model, as in the paper.
+  model = MLP(rngs=nnx.Rngs(0))
+  train(model, optax.sgd(LR, momentum=0.9), digits.train, PRETRAIN_STEPS, seed=0)
+  print(f"full precision: test accuracy {float(accuracy(model, *test)):.3f}")
+
+  x_example = digits.train.images[:BATCH]
+  rules = tq.frozen_scale_rules(model, RULES)
+  qt_model = qwix.quantize_model(model, qwix.QtProvider(rules), x_example)
+  levels_fn = tq.levels_fn_from_qwix(qt_model, x_example)
+
+  target = talr_optax.cosine_target(talr_optax.initial_target(BITS), QAT_STEPS)
+  lr = optax.cosine_decay_schedule(LR, QAT_STEPS)
+  decayed_sgd = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(lr, momentum=0.9))
+  runs = {
+      # Baseline: cosine learning rate; track_transitions only measures K.
+      "SGD": optax.chain(talr_optax.track_transitions(levels_fn), decayed_sgd),
+      "SGDT": talr_optax.sgdt(lr, target, levels_fn, momentum=0.9, weight_decay=WEIGHT_DECAY),
+  }
+  print(f"W{BITS} (Qwix, frozen scale) MLP on digits, {QAT_STEPS} QAT steps")
+  for name, tx in runs.items():
+    run_model = nnx.clone(qt_model)
+    _, log = train(run_model, tx, digits.train, QAT_STEPS, seed=1, log_every=QAT_STEPS // 4)
+    print(f"  {name:<4} test accuracy {float(accuracy(run_model, *test)):.3f}")
+    print("       step    " + "".join(f"{step:>9d}" for step, _ in log))
+    for layer in ("fc2", "fc3"):
+      for field, label in (("ema_transition_rate", "K"), ("target_transition_rate", "R")):
+        key = f"{field}/{layer}/kernel"
+        if key in log[0][1]:
+          print(f"       {layer} {label}  " + "".join(f"{float(m[key]):>9.1e}" for _, m in log))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""Flax NNX front end of ``talr_optax``: quantized layers, models, optimizer glue.
+
+The only part of ``talr_optax`` that imports Flax.
+"""
+
+from talr_optax.nnx.labels import ACTIVATION_SCALE
+from talr_optax.nnx.labels import BATCH_NORM
+from talr_optax.nnx.labels import FULL_PRECISION
+from talr_optax.nnx.labels import LABELS
+from talr_optax.nnx.labels import levels_fn_for
+from talr_optax.nnx.labels import param_labels
+from talr_optax.nnx.labels import QUANTIZED
+from talr_optax.nnx.layers import ACCEPTED_BITS
+from talr_optax.nnx.layers import ActivationScale
+from talr_optax.nnx.layers import Calibrated
+from talr_optax.nnx.layers import QuantConv
+from talr_optax.nnx.layers import QuantLayer
+from talr_optax.nnx.layers import QuantLinear
+from talr_optax.nnx.layers import quantized_layers
+from talr_optax.nnx.layers import validate_layer_bits
+from talr_optax.nnx.layers import WeightScale
+from talr_optax.nnx.models import BasicBlock
+from talr_optax.nnx.models import calibrate
+from talr_optax.nnx.models import load_full_precision
+from talr_optax.nnx.models import reset_calibration
+from talr_optax.nnx.models import ResNet20
+from talr_optax.nnx.models import SmallCNN
+
+__all__ = [
+    "ACCEPTED_BITS",
+    "ACTIVATION_SCALE",
+    "BATCH_NORM",
+    "FULL_PRECISION",
+    "LABELS",
+    "QUANTIZED",
+    "ActivationScale",
+    "BasicBlock",
+    "Calibrated",
+    "QuantConv",
+    "QuantLayer",
+    "QuantLinear",
+    "ResNet20",
+    "SmallCNN",
+    "WeightScale",
+    "calibrate",
+    "levels_fn_for",
+    "load_full_precision",
+    "param_labels",
+    "quantized_layers",
+    "reset_calibration",
+    "validate_layer_bits",
+]

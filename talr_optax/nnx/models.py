@@ -1,0 +1,305 @@
+"""Small quantizable models and the full-precision -> QAT hand-over.
+
+Both models keep the first convolution and the last linear layer full
+precision and put a batch norm after every quantized convolution (the batch
+norm absorbs the step size the quantizer does not multiply back; METHOD.md,
+section 2). With ``weight_bits=None, act_bits=None`` they are plain
+full-precision models with the same parameter paths, which is what
+:func:`load_full_precision` relies on:
+
+    fp = ResNet20(weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
+    ...train fp...
+    qat = ResNet20(weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
+    load_full_precision(qat, fp)
+    calibrate(qat, first_batch)
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from talr_optax.nnx import layers as layers_lib
+from talr_optax.nnx.layers import QuantConv
+
+__all__ = [
+    "SmallCNN",
+    "BasicBlock",
+    "ResNet20",
+    "calibrate",
+    "reset_calibration",
+    "load_full_precision",
+]
+
+
+# He normal, the reference ResNet's torch.nn.init.kaiming_normal_ (std
+# sqrt(2 / fan_in), not truncated).
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _validate(weight_bits: tp.Any, act_bits: tp.Any) -> None:
+  # Before any parameter is drawn, so a typo fails fast.
+  layers_lib.validate_layer_bits(weight_bits, "weight_bits")
+  layers_lib.validate_layer_bits(act_bits, "act_bits")
+
+
+def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  # momentum 0.9 is PyTorch's 0.1 (the reference code's setting).
+  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+class SmallCNN(nnx.Module):
+  """A CNN for 8x8 images (scikit-learn digits): about 15k parameters.
+
+  conv3x3(16, FP) - BN - ReLU - qconv3x3(32, stride 2) - BN - ReLU -
+  qconv3x3(32, stride 2) - BN - ReLU - global average pool - linear (FP).
+
+  Args:
+    weight_bits: bits of the quantized convs' kernels, or ``None``.
+    act_bits: bits of the quantized convs' inputs, or ``None``.
+    in_channels: input channels (1 for digits).
+    num_classes: output classes.
+    width: channels of the first conv; the quantized convs use ``2 * width``.
+    rngs: random number generators.
+  """
+
+  def __init__(
+      self,
+      *,
+      weight_bits: int | None,
+      act_bits: int | None,
+      in_channels: int = 1,
+      num_classes: int = 10,
+      width: int = 16,
+      rngs: nnx.Rngs,
+  ):
+    _validate(weight_bits, act_bits)
+    qconv = partial(QuantConv, kernel_size=3, weight_bits=weight_bits, act_bits=act_bits,
+                    kernel_init=he_normal, rngs=rngs)
+    self.conv1 = QuantConv(
+        in_features=in_channels, out_features=width, kernel_size=3,
+        weight_bits=None, act_bits=None, kernel_init=he_normal, rngs=rngs,
+    )
+    self.bn1 = _batch_norm(width, rngs)
+    self.conv2 = qconv(in_features=width, out_features=2 * width, strides=2)
+    self.bn2 = _batch_norm(2 * width, rngs)
+    self.conv3 = qconv(in_features=2 * width, out_features=2 * width, strides=2)
+    self.bn3 = _batch_norm(2 * width, rngs)
+    self.linear = nnx.Linear(2 * width, num_classes, kernel_init=he_normal, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits of NHWC images ``x``."""
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    x = nnx.relu(self.bn3(self.conv3(x)))
+    return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+def _shortcut_a(x: jax.Array, out_features: int, stride: int) -> jax.Array:
+  """Option-A shortcut: subsample, then zero-pad the new channels (no params)."""
+  if stride != 1:
+    x = x[:, ::stride, ::stride, :]
+  extra = out_features - x.shape[-1]
+  if extra:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  return x
+
+
+class BasicBlock(nnx.Module):
+  """ResNet basic block with two quantized 3x3 convs and an option-A shortcut.
+
+  Args:
+    in_features: input channels.
+    out_features: output channels.
+    stride: stride of the first conv (and of the shortcut's subsampling).
+    weight_bits: kernel bits or ``None``.
+    act_bits: input bits or ``None``.
+    rngs: random number generators.
+  """
+
+  def __init__(
+      self,
+      *,
+      in_features: int,
+      out_features: int,
+      stride: int,
+      weight_bits: int | None,
+      act_bits: int | None,
+      rngs: nnx.Rngs,
+  ):
+    qconv = partial(QuantConv, kernel_size=3, weight_bits=weight_bits, act_bits=act_bits,
+                    kernel_init=he_normal, rngs=rngs)
+    self.conv1 = qconv(in_features=in_features, out_features=out_features, strides=stride)
+    self.bn1 = _batch_norm(out_features, rngs)
+    self.conv2 = qconv(in_features=out_features, out_features=out_features)
+    self.bn2 = _batch_norm(out_features, rngs)
+    self.stride = stride
+    self.out_features = out_features
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return nnx.relu(y + _shortcut_a(x, self.out_features, self.stride))
+
+
+class ResNet20(nnx.Module):
+  """CIFAR ResNet-20 (He et al., 2016) with option-A shortcuts: 0.27M params.
+
+  conv3x3(16, FP) - BN - ReLU - 3 stages x 3 basic blocks (16, 32, 64
+  channels, stride 2 at the start of stages 2 and 3) - global average pool -
+  linear (FP). All 18 convs inside the blocks are quantized.
+
+  Args:
+    weight_bits: bits of the quantized convs' kernels, or ``None``.
+    act_bits: bits of the quantized convs' inputs, or ``None``.
+    in_channels: input channels (3 for CIFAR).
+    num_classes: output classes.
+    rngs: random number generators.
+  """
+
+  def __init__(
+      self,
+      *,
+      weight_bits: int | None,
+      act_bits: int | None,
+      in_channels: int = 3,
+      num_classes: int = 10,
+      rngs: nnx.Rngs,
+  ):
+    _validate(weight_bits, act_bits)
+    self.conv1 = QuantConv(
+        in_features=in_channels, out_features=16, kernel_size=3,
+        weight_bits=None, act_bits=None, kernel_init=he_normal, rngs=rngs,
+    )
+    self.bn1 = _batch_norm(16, rngs)
+    blocks = []
+    in_features = 16
+    for stage, width in enumerate((16, 32, 64)):
+      for i in range(3):
+        stride = 2 if stage > 0 and i == 0 else 1
+        blocks.append(BasicBlock(
+            in_features=in_features, out_features=width, stride=stride,
+            weight_bits=weight_bits, act_bits=act_bits, rngs=rngs,
+        ))
+        in_features = width
+    self.blocks = nnx.List(blocks)
+    self.linear = nnx.Linear(64, num_classes, kernel_init=he_normal, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits of NHWC images ``x``."""
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    for block in self.blocks:
+      x = block(x)
+    return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+def reset_calibration(model: nnx.Module) -> None:
+  """Marks every quantized layer uncalibrated: the next training forward
+  (or :func:`calibrate`) sets its weight and activation step sizes again."""
+  for _, layer in layers_lib.quantized_layers(model):
+    layer.calibrated[...] = jnp.array(False)
+
+
+def _call(model: nnx.Module, x: jax.Array) -> tp.Any:
+  return model(x)
+
+
+# One compiled program instead of one compilation per op in eager mode (the
+# cache is keyed on the model structure and ``forward``); nnx.jit writes the
+# new scales back into the model.
+@partial(nnx.jit, static_argnums=2)
+def _calibration_pass(model: nnx.Module, x: jax.Array, forward: tp.Callable) -> None:
+  forward(model, x)
+
+
+def calibrate(
+    model: nnx.Module,
+    x: jax.Array,
+    forward: tp.Callable[[nnx.Module, jax.Array], tp.Any] | None = None,
+) -> None:
+  """Sets all step sizes of ``model`` from its current weights and one batch.
+
+  Runs one forward pass in training mode (compiled with ``nnx.jit``), as the
+  first training step would: every quantized layer freezes
+  ``s = 3 * std(kernel)`` and sets its activation step size to
+  ``3 * std(input) / sqrt(1 - 2/pi)``. Batch-norm statistics and the
+  train/eval mode are restored afterwards.
+
+  Call it after loading weights, and before the first ``nnx.jit`` step
+  that uses :func:`levels_fn_for` (see there why).
+
+  Args:
+    model: the model to calibrate (modified in place).
+    x: a training batch.
+    forward: ``forward(model, x)`` if the model is not called as
+      ``model(x)``.
+  """
+  modes = [
+      (module, name, getattr(module, name))
+      for _, module in nnx.iter_modules(model)
+      for name in ("deterministic", "use_running_average")
+      if hasattr(module, name)
+  ]
+  # Arrays are immutable, so the pure state is a snapshot.
+  batch_stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  reset_calibration(model)
+  model.train()
+  try:
+    _calibration_pass(model, x, forward or _call)
+  finally:
+    nnx.update(model, batch_stats)
+    for module, name, value in modes:
+      setattr(module, name, value)
+
+
+def load_full_precision(target: nnx.Module, source: nnx.Module | nnx.State) -> None:
+  """Copies a (pretrained) model's weights into a quantized model.
+
+  Copies every ``nnx.Param`` except activation scales (kernels, biases,
+  batch-norm scale and bias) and every ``nnx.BatchStat`` of ``source`` into the
+  variables at the same paths of ``target``, then marks ``target``'s
+  quantizers uncalibrated so that its step sizes follow the new weights.
+
+  Args:
+    target: model to load into (modified in place), e.g. built with
+      ``weight_bits=2``.
+    source: a model with the same architecture (e.g. ``weight_bits=None``)
+      or its ``nnx.state(model)`` (Variable leaves, so it can be filtered).
+
+  Raises:
+    ValueError: if ``source`` holds nothing to copy, or a copied path is
+      missing in ``target`` or has another shape.
+  """
+  weights = nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), nnx.Not(layers_lib.ActivationScale))
+  if isinstance(source, nnx.Module):
+    source = nnx.state(source, weights)
+  elif isinstance(source, nnx.State):
+    source = nnx.filter_state(source, weights)
+  else:
+    raise ValueError(
+        f"source must be an nnx.Module or an nnx.State, got {type(source).__name__}."
+    )
+  src = nnx.to_flat_state(source)
+  if not len(src):
+    raise ValueError(
+        "load_full_precision: source has no nnx.Param or nnx.BatchStat to copy "
+        "(a pure state cannot be filtered; pass the model or nnx.state(model))."
+    )
+  dst = dict(nnx.to_flat_state(nnx.state(target)))
+  for path, value in src:
+    name = "/".join(str(p) for p in path)
+    if path not in dst:
+      raise ValueError(f"load_full_precision: target has no variable at '{name}'.")
+    src_shape = jnp.shape(value[...] if isinstance(value, nnx.Variable) else value)
+    if src_shape != dst[path].shape:
+      raise ValueError(
+          f"load_full_precision: shape mismatch at '{name}': source "
+          f"{src_shape}, target {dst[path].shape}."
+      )
+  nnx.update(target, nnx.as_pure(source))
+  reset_calibration(target)
