@@ -60,9 +60,9 @@ class DemoConfig:
   model: str = "cnn"
   bits: tuple[int, ...] = (2, 1)
   seeds: int = 3
-  epochs: int = 40
+  epochs: int = 60
   fp_epochs: int = 15
-  batch_size: int = 64
+  batch_size: int = 32
   optimizer: str = "sgd"
   rule: str = "multiplicative"
   lam: float = 5e-3
@@ -123,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seeds", type=_positive_int("--seeds"), default=None,
                  help="number of seeds (default 3; 1 with --quick)")
   p.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
-                 help="QAT epochs per run (default 40 on digits, 400 on cifar10)")
+                 help="QAT epochs per run (default 60 on digits, 400 on cifar10)")
   p.add_argument("--fp-epochs", type=_positive_int("--fp-epochs"), default=None,
                  help="full-precision pretraining epochs (default 15 on digits)")
   p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
-                 help="batch size (default 64 on digits, 256 on cifar10)")
+                 help="batch size (default 32 on digits, 256 on cifar10)")
   p.add_argument("--rule", choices=("multiplicative", "additive"), default="multiplicative",
                  help="TALR rule (default: multiplicative, the better-tracking one here)")
   p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
@@ -164,9 +164,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> DemoConfig:
       model=model,
       bits=args.bits or (2, 1),
       seeds=args.seeds or (1 if quick else 3),
-      epochs=args.epochs or (6 if quick else (400 if cifar else 40)),
+      epochs=args.epochs or (6 if quick else (400 if cifar else 60)),
       fp_epochs=args.fp_epochs or (4 if quick else (200 if cifar else 15)),
-      batch_size=args.batch_size or (256 if cifar else 64),
+      batch_size=args.batch_size or (256 if cifar else 32),
       optimizer=args.optimizer,
       rule=args.rule,
       lam=args.lam,
@@ -332,9 +332,34 @@ def _tracking_error(trace: dict[str, list[float]], r0: float) -> float:
   return float(np.mean(np.abs(K[start:] - R[start:])) / r0)
 
 
+def _snapshot(model, optimizer) -> dict[str, Any]:
+  nnx, _ = _nnx()
+  return {"model": nnx.to_pure_dict(nnx.state(model)),
+          "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+
+
+def _restore(model, optimizer, saved: dict[str, Any]) -> None:
+  nnx, _ = _nnx()
+  for obj, key in ((model, "model"), (optimizer, "optimizer")):
+    state = nnx.state(obj)
+    nnx.replace_by_pure_dict(state, saved[key])
+    nnx.update(obj, state)
+
+
+class _Interrupted(RuntimeError):
+  """Raised by the ``stop_after_epoch`` test hook of :func:`run_qat`."""
+
+
 def run_qat(cfg: DemoConfig, dataset, fp_model, bits: int, seed: int, method: str,
-            progress=None) -> dict[str, Any]:
-  """One QAT run from ``fp_model``; returns its record for ``results.json``."""
+            progress=None, checkpointer=None, stop_after_epoch: int | None = None
+            ) -> dict[str, Any]:
+  """One QAT run from ``fp_model``; returns its record for ``results.json``.
+
+  With a ``checkpointer`` (:class:`talr_optax.checkpoint.Checkpointer`) the
+  model, optimizer state, traces and data order are saved after every epoch,
+  and a run that has checkpoints resumes from the latest one, bit for bit.
+  ``stop_after_epoch`` interrupts the run (tests of resuming).
+  """
   nnx, tnnx = _nnx()
   model = make_model(cfg, bits, seed, dataset.num_classes)
   tnnx.load_full_precision(model, fp_model)
@@ -352,8 +377,19 @@ def run_qat(cfg: DemoConfig, dataset, fp_model, bits: int, seed: int, method: st
   model.train()
   traces: dict[str, list[float]] = {"k": [], "K": [], "R": [], "U": [], "lr": [], "loss": []}
   accs, md2tp_means = [], []
-  step = 0
-  for epoch in range(cfg.epochs):
+  step = start_epoch = 0
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    start_epoch, saved, meta = checkpointer.restore(_snapshot(model, optimizer))
+    _restore(model, optimizer, saved)
+    traces, accs, md2tp_means = meta["traces"], meta["accs"], meta["md2tp_means"]
+    step = len(traces["k"])
+    rng.bit_generator.state = meta["rng"]
+    if progress is not None:
+      progress(epoch=start_epoch, loss=float("nan"), acc=accs[-1], U=traces["U"][-1],
+               K=traces["K"][-1], advance=start_epoch)
+  for epoch in range(start_epoch, cfg.epochs):
+    if stop_after_epoch is not None and epoch >= stop_after_epoch:
+      raise _Interrupted(f"stopped after epoch {epoch}")
     pending = []
     for x, y in data_lib.batches(dataset.train, cfg.batch_size, rng=rng, augment=_augment(cfg)):
       pending.append(train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y)))
@@ -368,6 +404,10 @@ def run_qat(cfg: DemoConfig, dataset, fp_model, bits: int, seed: int, method: st
       step += 1
     accs.append(evaluate(model, correct, dataset.test))
     md2tp_means.append(float(np.mean(_md2tp(model))))
+    if checkpointer is not None:
+      checkpointer.save(epoch + 1, _snapshot(model, optimizer), meta={
+          "traces": traces, "accs": accs, "md2tp_means": md2tp_means,
+          "rng": rng.bit_generator.state})
     if progress is not None:
       progress(epoch=epoch + 1, loss=float(np.mean(traces["loss"][-steps_per_epoch:])),
                acc=accs[-1], U=traces["U"][-1], K=traces["K"][-1])
@@ -386,6 +426,77 @@ def run_qat(cfg: DemoConfig, dataset, fp_model, bits: int, seed: int, method: st
                           "mean": float(np.mean(d))},
       "trace": traces,
   }
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints of a whole demo: one directory per run, the finished record, and
+# the full-precision model of each seed (QAT of a later run starts from it).
+
+
+class RunStore:
+  """Checkpoints of every run of one demo configuration under ``root``.
+
+  ``root/config.json`` records the configuration; resuming with another one is
+  an error rather than a silent mix of runs. Finished runs keep their record
+  (``record.json``); unfinished ones resume from their latest epoch.
+  """
+
+  # Fields that do not change what a run computes.
+  _FREE = ("out", "checkpoint_dir", "seeds")
+
+  def __init__(self, root: str | os.PathLike[str], cfg: DemoConfig):
+    self.root = Path(root)
+    if self.root.exists() and not self.root.is_dir():
+      raise ValueError(f"--checkpoint-dir {self.root} exists and is not a directory")
+    self.root.mkdir(parents=True, exist_ok=True)
+    fixed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in self._FREE}
+    fixed["bits"] = list(fixed["bits"])
+    config_path = self.root / "config.json"
+    if config_path.exists():
+      stored = json.loads(config_path.read_text())
+      diff = sorted(k for k in set(stored) | set(fixed) if stored.get(k) != fixed.get(k))
+      # Runs of other bit widths can share the directory.
+      diff = [k for k in diff if k != "bits"]
+      if diff:
+        raise ValueError(
+            f"--checkpoint-dir {self.root} holds runs of another configuration "
+            f"(differs in {', '.join(diff)}); use another directory or the same settings"
+        )
+    else:
+      _write_json_atomic(config_path, fixed)
+
+  def _dir(self, bits: int, seed: int, method: str) -> Path:
+    return self.root / f"seed{seed}_w{bits}_{method}"
+
+  def finished(self, bits: int, seed: int, method: str) -> dict[str, Any] | None:
+    path = self._dir(bits, seed, method) / "record.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+  def save_finished(self, bits: int, seed: int, method: str, record: dict[str, Any]) -> None:
+    _write_json_atomic(self._dir(bits, seed, method) / "record.json", record)
+
+  def checkpointer(self, bits: int, seed: int, method: str):
+    from talr_optax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+    return Checkpointer(self._dir(bits, seed, method) / "epochs", max_to_keep=2)
+
+  def full_precision(self, cfg: DemoConfig, dataset, seed: int, progress=None):
+    """The seed's pretrained full-precision model, trained once and cached."""
+    from talr_optax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+    nnx, _ = _nnx()
+    with Checkpointer(self.root / f"seed{seed}_full_precision") as ckpt:
+      if ckpt.latest_step() is not None:
+        model = make_model(cfg, None, seed, dataset.num_classes)
+        _, saved, _ = ckpt.restore(nnx.to_pure_dict(nnx.state(model)))
+        state = nnx.state(model)
+        nnx.replace_by_pure_dict(state, saved)
+        nnx.update(model, state)
+        if progress is not None:
+          for _ in range(cfg.fp_epochs):
+            progress()
+        return model
+      model = pretrain_full_precision(cfg, dataset, seed, progress)
+      ckpt.save(cfg.fp_epochs, nnx.to_pure_dict(nnx.state(model)))
+      return model
 
 
 # ----------------------------------------------------------------------------
@@ -447,8 +558,12 @@ def _load_dataset(cfg: DemoConfig) -> data_lib.Dataset:
   return data_lib.load_cifar10(cfg.data_dir)
 
 
-def run(cfg: DemoConfig) -> dict[str, Any]:
-  """Runs the whole demo; writes ``results.json`` and the figures to ``cfg.out``."""
+def run(cfg: DemoConfig, *, stop_after_epoch: int | None = None) -> dict[str, Any]:
+  """Runs the whole demo; writes ``results.json`` and the figures to ``cfg.out``.
+
+  ``stop_after_epoch`` interrupts every QAT run after that many epochs (a test
+  hook for resuming from ``cfg.checkpoint_dir``).
+  """
   from rich.progress import (  # pylint: disable=import-outside-toplevel
       BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn)
   from talr_optax import plots  # pylint: disable=import-outside-toplevel
@@ -457,10 +572,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
   out = Path(cfg.out)
   dataset = _load_dataset(cfg)
   labels = METHOD_LABELS if cfg.optimizer == "sgd" else ADAM_LABELS
-  checkpoints = None
-  if cfg.checkpoint_dir:
-    from talr_optax import demo_checkpoint  # pylint: disable=import-outside-toplevel
-    checkpoints = demo_checkpoint.RunStore(cfg.checkpoint_dir, dataclasses.asdict(cfg))
+  store = RunStore(cfg.checkpoint_dir, cfg) if cfg.checkpoint_dir else None
   runs: list[dict[str, Any]] = []
   n_runs = cfg.seeds * len(cfg.bits) * 2
   total_epochs = cfg.seeds * cfg.fp_epochs + n_runs * cfg.epochs
@@ -469,28 +581,40 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
   with Progress(*columns, transient=False) as bar:
     task = bar.add_task("epochs", total=total_epochs, status="")
     for seed in range(cfg.seeds):
-      todo = [(b, m) for b in cfg.bits for m in ("sgd", "talr")
-              if checkpoints is None or not checkpoints.has(b, seed, m)]
-      for b, m in [(b, m) for b in cfg.bits for m in ("sgd", "talr") if (b, m) not in todo]:
-        runs.append(checkpoints.load(b, seed, m))
-        bar.advance(task, cfg.epochs)
+      todo = []
+      for bits in cfg.bits:
+        for method in ("sgd", "talr"):
+          record = store.finished(bits, seed, method) if store else None
+          if record is None:
+            todo.append((bits, method))
+          else:
+            runs.append(record)
+            bar.advance(task, cfg.epochs)
       if not todo:
         bar.advance(task, cfg.fp_epochs)
         continue
       bar.update(task, description=f"seed {seed}: full-precision pretraining")
-      fp_model = pretrain_full_precision(cfg, dataset, seed, progress=lambda: bar.advance(task))
+      advance_fp = lambda: bar.advance(task)
+      fp_model = (store.full_precision(cfg, dataset, seed, advance_fp) if store
+                  else pretrain_full_precision(cfg, dataset, seed, advance_fp))
       for bits, method in todo:
         name = f"seed {seed} W{bits}A{bits} {labels[method]:>5}"
         bar.update(task, description=name)
 
-        def report(epoch, loss, acc, U, K, name=name):
-          bar.update(task, advance=1, status=(
+        def report(epoch, loss, acc, U, K, advance=1):
+          bar.update(task, advance=advance, status=(
               f"epoch {epoch}/{cfg.epochs} loss {loss:.3f} acc {100 * acc:.1f}% "
               f"U {U:.3g} K {K:.2e}"))
 
-        record = run_qat(cfg, dataset, fp_model, bits, seed, method, progress=report)
-        if checkpoints is not None:
-          checkpoints.save(bits, seed, method, record)
+        ckpt = store.checkpointer(bits, seed, method) if store else None
+        try:
+          record = run_qat(cfg, dataset, fp_model, bits, seed, method, progress=report,
+                           checkpointer=ckpt, stop_after_epoch=stop_after_epoch)
+        finally:
+          if ckpt is not None:
+            ckpt.close()
+        if store is not None:
+          store.save_finished(bits, seed, method, record)
         runs.append(record)
   rows = summarize(runs)
   results = {

@@ -125,11 +125,11 @@ def plot_weight_changes(results: dict[str, Any], out: Path) -> Path:
   """(4) Quantized-weight change per step, and distance to transition points."""
   plt = _pyplot()
   bits_list = _bits(results)
-  fig, axes = plt.subplots(2, len(bits_list), figsize=(5.5 * len(bits_list), 7.5),
+  fig, axes = plt.subplots(3, len(bits_list), figsize=(5.5 * len(bits_list), 11),
                            squeeze=False)
   fig.suptitle("Quantized weights: change per step and distance to transition points")
   for col, bits in enumerate(bits_list):
-    ax_k, ax_h = axes[0][col], axes[1][col]
+    ax_k, ax_h, ax_m = axes[0][col], axes[1][col], axes[2][col]
     for method in ("sgd", "talr"):
       runs = _runs(results, bits, method)
       if not runs:
@@ -143,6 +143,9 @@ def plot_weight_changes(results: dict[str, Any], out: Path) -> Path:
       dens = np.asarray(hist["density"])
       ax_h.step(centers, dens, where="mid", color=_COLORS[method],
                 label=f"{_label(results, method)} (mean {hist['mean']:.3f})")
+      means = np.array([r["md2tp_mean_per_epoch"] for r in runs])
+      ax_m.plot(np.arange(1, means.shape[1] + 1), means.mean(0), color=_COLORS[method],
+                label=f"{_label(results, method)} ({len(runs)} seeds)")
     ax_k.set_yscale("symlog", linthresh=1e-4)
     ax_k.set_title(f"W{bits}A{bits}: fraction of quantized weights changing level")
     ax_k.set_xlabel("training step")
@@ -152,6 +155,10 @@ def plot_weight_changes(results: dict[str, Any], out: Path) -> Path:
     ax_h.set_xlabel("normalised distance (0 = on a transition point)")
     ax_h.set_ylabel("density")
     ax_h.legend(fontsize=8)
+    ax_m.set_title(f"W{bits}A{bits}: mean distance to nearest transition point")
+    ax_m.set_xlabel("epoch")
+    ax_m.set_ylabel("mean normalised distance")
+    ax_m.legend(fontsize=8)
   return _save(fig, out, "weight_changes.png")
 
 

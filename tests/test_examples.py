@@ -19,3 +19,12 @@ def test_quickstart_runs_and_reports(capsys, monkeypatch):
   line = next(l for l in out.splitlines() if "test accuracy" in l)
   accs = [float(line.split("SGD:")[1].split()[0]), float(line.split("SGDT:")[1].split()[0])]
   assert min(accs) > 0.8
+
+
+def test_qwix_example_runs_and_reports(capsys, monkeypatch):
+  pytest.importorskip("qwix")
+  pytest.importorskip("sklearn")
+  monkeypatch.setattr(sys, "argv", ["qwix_qat.py"])
+  runpy.run_path(str(EXAMPLES / "qwix_qat.py"), run_name="__main__")
+  out = capsys.readouterr().out
+  assert "QAT steps" in out and "accuracy" in out.lower()
