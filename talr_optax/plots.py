@@ -51,6 +51,13 @@ def _grid(plt, results, title):
   return fig, list(zip(bits, axes[0]))
 
 
+def _finish(ax, title: str, xlabel: str, ylabel: str) -> None:
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=8)
+
+
 def _save(fig, out: Path, name: str) -> Path:
   path = out / name
   fig.tight_layout()
@@ -74,10 +81,7 @@ def plot_rate_tracking(results: dict[str, Any], out: Path) -> Path:
               label=f"K of {_label(results, 'sgd')}")
     top = 2.5 * max(max(run["R"]), 1e-6)
     ax.set_ylim(0, top)
-    ax.set_title(f"W{bits}A{bits}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("fraction of quantized weights changing level")
-    ax.legend(fontsize=8)
+    _finish(ax, f"W{bits}A{bits}", "training step", "fraction of quantized weights changing level")
   return _save(fig, out, "rate_tracking.png")
 
 
@@ -93,10 +97,7 @@ def plot_learning_rates(results: dict[str, Any], out: Path) -> Path:
     if base:
       ax.plot(step, base[0]["trace"]["lr"], color="tab:gray",
               label=f"{_label(results, 'sgd')} learning rate (cosine)")
-    ax.set_title(f"W{bits}A{bits}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("learning rate")
-    ax.legend(fontsize=8)
+    _finish(ax, f"W{bits}A{bits}", "training step", "learning rate")
   return _save(fig, out, "learning_rates.png")
 
 
@@ -114,10 +115,7 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
       ax.plot(epoch, acc.mean(0), color=_COLORS[method],
               label=f"{_label(results, method)} ({len(runs)} seeds)")
       ax.fill_between(epoch, acc.min(0), acc.max(0), color=_COLORS[method], alpha=0.2)
-    ax.set_title(f"W{bits}A{bits}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=8)
+    _finish(ax, f"W{bits}A{bits}", "epoch", "test accuracy (%)")
   return _save(fig, out, "accuracy.png")
 
 
@@ -147,18 +145,13 @@ def plot_weight_changes(results: dict[str, Any], out: Path) -> Path:
       ax_m.plot(np.arange(1, means.shape[1] + 1), means.mean(0), color=_COLORS[method],
                 label=f"{_label(results, method)} ({len(runs)} seeds)")
     ax_k.set_yscale("symlog", linthresh=1e-4)
-    ax_k.set_title(f"W{bits}A{bits}: fraction of quantized weights changing level")
-    ax_k.set_xlabel("training step")
-    ax_k.set_ylabel("k")
-    ax_k.legend(fontsize=8)
-    ax_h.set_title(f"W{bits}A{bits}: distance to nearest transition point, end of QAT")
-    ax_h.set_xlabel("normalised distance (0 = on a transition point)")
-    ax_h.set_ylabel("density")
-    ax_h.legend(fontsize=8)
-    ax_m.set_title(f"W{bits}A{bits}: mean distance to nearest transition point")
-    ax_m.set_xlabel("epoch")
-    ax_m.set_ylabel("mean normalised distance")
-    ax_m.legend(fontsize=8)
+    name = f"W{bits}A{bits}"
+    _finish(ax_k, f"{name}: fraction of quantized weights changing level",
+            "training step", "k")
+    _finish(ax_h, f"{name}: distance to nearest transition point, end of QAT",
+            "normalised distance (0 = on a transition point)", "density")
+    _finish(ax_m, f"{name}: mean distance to nearest transition point", "epoch",
+            "mean normalised distance")
   return _save(fig, out, "weight_changes.png")
 
 
