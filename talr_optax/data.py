@@ -14,6 +14,7 @@ epoch iterator; both run on the host with NumPy.
 
 from __future__ import annotations
 
+import numbers
 import os
 import pickle
 import typing as tp
@@ -67,6 +68,13 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
   return apply(train), apply(test)
 
 
+_DIGITS_SIZE, _DIGITS_CLASSES = 1797, 10
+
+
+def _is_int(x: tp.Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   """scikit-learn's 8x8 digits, split into train and test by ``seed``.
 
@@ -82,10 +90,26 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     training split's mean and std, and 10 classes.
 
   Raises:
-    ValueError: if ``test_fraction`` is not in (0, 1).
+    ValueError: if ``test_fraction`` is not in (0, 1) or leaves fewer than 10
+      images (one per class) in a split, i.e. outside about [0.0051, 0.9944];
+      if ``seed`` is not an int in [0, 2**32 - 1].
   """
-  if not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
+  if (isinstance(test_fraction, (bool, np.bool_)) or not isinstance(test_fraction, numbers.Real)
+      or not 0.0 < test_fraction < 1.0):
     raise ValueError(f"test_fraction must be in (0, 1), got test_fraction = {test_fraction!r}.")
+  # scikit-learn's rule: ceil(test_fraction * n) test images; a stratified
+  # split needs one image of each class on each side.
+  n_test = int(np.ceil(float(test_fraction) * _DIGITS_SIZE))
+  if not _DIGITS_CLASSES <= n_test <= _DIGITS_SIZE - _DIGITS_CLASSES:
+    lo = (_DIGITS_CLASSES - 1) / _DIGITS_SIZE
+    hi = (_DIGITS_SIZE - _DIGITS_CLASSES) / _DIGITS_SIZE
+    raise ValueError(
+        f"test_fraction must leave at least {_DIGITS_CLASSES} of the {_DIGITS_SIZE} images "
+        f"(one per class) in each split, i.e. be in ({lo:.4f}, {hi:.4f}], got "
+        f"test_fraction = {test_fraction!r} ({n_test} test images)."
+    )
+  if not _is_int(seed) or not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got seed = {seed!r}.")
   # Imported here: scikit-learn is heavy and only this loader needs it.
   from sklearn import datasets, model_selection
 
@@ -93,7 +117,8 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   images = digits.images.astype(np.float32)[..., None]  # values 0..16
   labels = digits.target.astype(np.int32)
   train_idx, test_idx = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+      np.arange(len(labels)), test_size=float(test_fraction), random_state=int(seed),
+      stratify=labels
   )
   train_x, test_x = _standardise(images[train_idx], images[test_idx])
   return Dataset(
@@ -119,17 +144,39 @@ def _load_cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
         f"CIFAR-10 file {path} is corrupt: expected a dict with keys b'data' and "
         f"b'labels', got {keys}."
     )
-  data = np.asarray(batch[b"data"])
-  labels = np.asarray(batch[b"labels"])
+  expected = ("expected data: an integer array (N, 3072) with values in [0, 255], N >= 1; "
+              "labels: N integers in [0, 9]")
+  try:
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"])
+  except ValueError as e:  # ragged nested lists
+    raise ValueError(
+        f"CIFAR-10 file {path} is corrupt: {expected}; got ragged data or labels: {e}"
+    ) from e
   if (
       data.ndim != 2
+      or data.shape[0] < 1
       or data.shape[1] != 3 * 32 * 32
       or labels.shape != (data.shape[0],)
-      or (labels.size and (labels.min() < 0 or labels.max() > 9))
   ):
     raise ValueError(
-        f"CIFAR-10 file {path} is corrupt: expected data (N, 3072) and N labels in "
-        f"[0, 9], got data {data.shape} and labels {labels.shape}."
+        f"CIFAR-10 file {path} is corrupt: {expected}; got data of shape {data.shape} "
+        f"and labels of shape {labels.shape}."
+    )
+  # Checked, not cast: astype(uint8) would wrap 300 to 44 and truncate 0.5 to 0.
+  if not np.issubdtype(data.dtype, np.integer) or data.min() < 0 or data.max() > 255:
+    got = (f"values in [{data.min()}, {data.max()}]" if np.issubdtype(data.dtype, np.number)
+           else "non-numeric values")
+    raise ValueError(
+        f"CIFAR-10 file {path} is corrupt: {expected}; got data of dtype {data.dtype} "
+        f"with {got}."
+    )
+  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() > 9:
+    got = (f"values in [{labels.min()}, {labels.max()}]"
+           if np.issubdtype(labels.dtype, np.number) else "non-numeric values")
+    raise ValueError(
+        f"CIFAR-10 file {path} is corrupt: {expected}; got labels of dtype "
+        f"{labels.dtype} with {got}."
     )
   # Rows are channel-major (1024 red, 1024 green, 1024 blue); make them NHWC.
   images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -151,17 +198,28 @@ def load_cifar10(data_dir: str | os.PathLike[str]) -> Dataset:
     scaled to [0, 1] and standardised per channel by the training split.
 
   Raises:
-    FileNotFoundError: naming the first missing file.
-    ValueError: naming a file that is corrupt.
+    TypeError: if ``data_dir`` is not a path (str or os.PathLike).
+    FileNotFoundError: naming the missing directory or the first missing
+      file.
+    ValueError: naming a file that is corrupt: not a pickle, not a dict with
+      ``b'data'`` and ``b'labels'``, data not ``(N, 3072)`` integers in
+      [0, 255], labels not ``N`` integers in [0, 9].
   """
+  if not isinstance(data_dir, (str, os.PathLike)):
+    raise TypeError(
+        "data_dir must be a path (str or os.PathLike) to the directory with "
+        f"{CIFAR10_TRAIN_FILES[0]}, ..., {CIFAR10_TEST_FILE}, got data_dir of type "
+        f"{type(data_dir).__name__}: {data_dir!r}"
+    )
   data_dir = os.fspath(data_dir)
   nested = os.path.join(data_dir, _CIFAR10_SUBDIR)
   if not os.path.exists(os.path.join(data_dir, CIFAR10_TRAIN_FILES[0])) and os.path.isdir(nested):
     data_dir = nested
   if not os.path.isdir(data_dir):
+    what = "is a file, not a directory" if os.path.exists(data_dir) else "not found"
     raise FileNotFoundError(
-        f"CIFAR-10 directory not found: {data_dir} (expected {CIFAR10_TRAIN_FILES[0]}, ..., "
-        f"{CIFAR10_TEST_FILE} in it)"
+        f"CIFAR-10 directory {what}: data_dir = {data_dir} (expected "
+        f"{CIFAR10_TRAIN_FILES[0]}, ..., {CIFAR10_TEST_FILE} in it)"
     )
   parts = [_load_cifar_file(os.path.join(data_dir, name)) for name in CIFAR10_TRAIN_FILES]
   test_x, test_y = _load_cifar_file(os.path.join(data_dir, CIFAR10_TEST_FILE))
@@ -169,6 +227,30 @@ def load_cifar10(data_dir: str | os.PathLike[str]) -> Dataset:
   train_y = np.concatenate([p[1] for p in parts])
   train_x, test_x = _standardise(train_x, test_x.astype(np.float32) / 255.0)
   return Dataset(train=Split(train_x, train_y), test=Split(test_x, test_y), num_classes=10)
+
+
+def _check_images(images: tp.Any, owner: str) -> None:
+  if not isinstance(images, np.ndarray):
+    raise TypeError(
+        f"{owner}: images must be a NumPy array (N, H, W, C), got images of type "
+        f"{type(images).__name__}."
+    )
+  if images.ndim != 4:
+    raise ValueError(
+        f"{owner}: images must have shape (N, H, W, C), got images of shape {images.shape}."
+    )
+
+
+def _check_rng(rng: tp.Any, owner: str, allow_none: bool, methods: tuple[str, ...]) -> None:
+  if rng is None and allow_none:
+    return
+  # Duck-typed: anything with the Generator methods used here (tests pass stand-ins).
+  if not all(callable(getattr(rng, m, None)) for m in methods):
+    none = " or None" if allow_none else ""
+    raise TypeError(
+        f"{owner}: rng must be a np.random.Generator (e.g. np.random.default_rng(0)){none}, "
+        f"got rng of type {type(rng).__name__}."
+    )
 
 
 def random_shift(
@@ -192,11 +274,25 @@ def random_shift(
 
   Returns:
     New array, same shape and dtype as ``images``.
+
+  Raises:
+    TypeError: ``images`` is not a NumPy array or ``rng`` not a
+      ``np.random.Generator``.
+    ValueError: ``images`` is not 4-D, ``max_shift`` is not an int in
+      ``[0, min(H, W) - 1]`` (a larger shift would blank whole images),
+      ``flip`` is not a bool.
   """
-  if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
-    raise ValueError(f"max_shift must be an int >= 0, got max_shift = {max_shift!r}.")
+  _check_images(images, "random_shift")
+  _check_rng(rng, "random_shift", allow_none=False, methods=("integers", "random"))
   n, h, w, _ = images.shape
-  p = max_shift
+  if not _is_int(max_shift) or not 0 <= max_shift <= min(h, w) - 1:
+    raise ValueError(
+        f"max_shift must be an int in [0, min(H, W) - 1] = [0, {min(h, w) - 1}] for images "
+        f"of shape {images.shape}, got max_shift = {max_shift!r}."
+    )
+  if not isinstance(flip, (bool, np.bool_)):
+    raise ValueError(f"flip must be True or False, got flip = {flip!r}.")
+  p = int(max_shift)
   padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
   dy = rng.integers(0, 2 * p + 1, size=n)
   dx = rng.integers(0, 2 * p + 1, size=n)
@@ -231,12 +327,45 @@ def batches(
   Returns:
     An iterator of ``(images, labels)`` NumPy arrays. Arguments are checked
     at the call, not at the first ``next``.
+
+  Raises:
+    TypeError: ``split`` has no ``images`` and ``labels`` arrays, ``rng`` is
+      not a generator, ``augment`` is not callable.
+    ValueError: ``images`` and ``labels`` of different lengths,
+      ``batch_size`` not an int >= 1 (and, with ``drop_last``, not above
+      the number of examples, which would give an empty epoch), ``augment``
+      without ``rng``.
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+  images = getattr(split, "images", None)
+  labels = getattr(split, "labels", None)
+  if not hasattr(images, "shape") or not hasattr(labels, "shape"):
+    raise TypeError(
+        "batches: split must be a Split(images, labels) of NumPy arrays, got split of "
+        f"type {type(split).__name__}."
+    )
+  n = len(labels)
+  if len(images) != n:
+    raise ValueError(
+        f"batches: split.images and split.labels must have the same length, got "
+        f"{len(images)} images and {n} labels."
+    )
+  if not _is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size must be an int >= 1, got batch_size = {batch_size!r}.")
+  if drop_last and batch_size > n:
+    raise ValueError(
+        f"batch_size must be <= the number of examples ({n}) with drop_last=True (the "
+        f"epoch would be empty), got batch_size = {batch_size!r}; pass drop_last=False "
+        "for one smaller batch."
+    )
+  batch_size = int(batch_size)
+  _check_rng(rng, "batches", allow_none=True, methods=("permutation",))
+  if augment is not None and not callable(augment):
+    raise TypeError(
+        "batches: augment must be None or a callable augment(images, rng), got augment "
+        f"of type {type(augment).__name__}."
+    )
   if augment is not None and rng is None:
     raise ValueError("augment needs rng, got rng = None.")
-  n = len(split.labels)
   order = rng.permutation(n) if rng is not None else np.arange(n)
   stop = n - n % batch_size if drop_last else n
 

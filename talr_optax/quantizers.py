@@ -16,6 +16,14 @@ estimator, so ``d w_q / d w = 1 / s`` inside the clip range and 0 outside.
 
 The transition rate that ``talr_optax`` schedules is counted on the integer
 levels returned by :func:`weight_levels`.
+
+Low-precision inputs: ``u = gamma * w / s`` is always computed in float32 (or
+float64 for float64 inputs), never in bfloat16 / float16, so the levels of a
+bfloat16 weight are those of the same value in float32 (rounding ``u`` to
+bfloat16 first would move about one 8-bit level in ten). Float results
+(:func:`fake_quant_weight`, :func:`fake_quant_activation`,
+:func:`distance_to_transition`) are cast back to the input's dtype once, at
+the end; gradients flow through the casts.
 """
 
 from __future__ import annotations
@@ -132,7 +140,8 @@ def _check_scale(scale: jax.typing.ArrayLike, name: str = "scale",
     value = np.asarray(scale)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{name} must be a positive number or array, got {scale!r}.") from e
-  if not np.issubdtype(value.dtype, np.number):
+  # jnp.issubdtype knows bfloat16 (an ml_dtypes type NumPy calls non-numeric).
+  if value.dtype == np.bool_ or not jnp.issubdtype(value.dtype, jnp.number):
     raise ValueError(f"{name} must be a positive number or array, got {scale!r}.")
   if value.size and not bool(np.all(value > 0)):
     raise ValueError(
@@ -141,9 +150,31 @@ def _check_scale(scale: jax.typing.ArrayLike, name: str = "scale",
     )
 
 
+def _compute_dtype(x: Any) -> Any:
+  """Dtype the quantizer computes ``u = gamma * x / s`` in: at least float32.
+
+  bfloat16 has an 8-bit significand, so ``gamma * x / s`` rounded to bfloat16
+  and then rounded to an integer level is a double rounding (at 8 bits about
+  one weight in ten would get another level than the same value in float32).
+  float64 (under ``jax_enable_x64``) stays float64.
+  """
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def _upcast(x: Any) -> jax.Array:
+  """``x`` in :func:`_compute_dtype`; differentiable (the cast's transpose casts back)."""
+  return jnp.asarray(x).astype(_compute_dtype(x))
+
+
+def _output_dtype(x: Any, computed: jax.Array) -> Any:
+  """Dtype of a quantizer's float result: that of the input if it is a float."""
+  dtype = jnp.result_type(x)
+  return dtype if jnp.issubdtype(dtype, jnp.floating) else computed.dtype
+
+
 def _scaled(x: jax.Array, scale: jax.typing.ArrayLike, q: QuantRange) -> jax.Array:
-  """``clip(gamma * x / s, alpha, beta)``: the level before rounding."""
-  return jnp.clip(q.gamma * x / scale, q.alpha, q.beta)
+  """``clip(gamma * x / s, alpha, beta)``: the level before rounding, >= float32."""
+  return jnp.clip(q.gamma * _upcast(x) / scale, q.alpha, q.beta)
 
 
 def _to_levels(u: jax.Array, dtype: Any) -> jax.Array:
@@ -214,7 +245,8 @@ def fake_quant_weight(
       norm after them). The levels and the transitions do not change.
 
   Returns:
-    ``w_d / gamma`` (``2 * w_d - 1`` for binary), dtype of ``w``. Its gradient
+    ``w_d / gamma`` (``2 * w_d - 1`` for binary), dtype of ``w`` (computed
+    in float32 for bfloat16 / float16 ``w``, then cast once). Its gradient
     with respect to ``w`` is ``1 / s`` inside the clip range and 0 outside
     (``1`` inside when ``multiply_scale``).
   """
@@ -222,12 +254,13 @@ def fake_quant_weight(
   _check_input(w, "w")
   _check_scale(scale, like=w)
   if bits == 1:
-    u = jnp.clip(w / scale, -1.0, 1.0)
+    u = jnp.clip(_upcast(w) / scale, -1.0, 1.0)
     value = u + jax.lax.stop_gradient(jnp.where(w > 0, 1.0, -1.0).astype(u.dtype) - u)
   else:
     value = _round_ste(_scaled(w, scale, q)) / q.gamma
+  # Computed in >= float32 and rounded to the input dtype once, at the end.
   value = value * scale if multiply_scale else value
-  return value.astype(w.dtype)
+  return value.astype(_output_dtype(w, value))
 
 
 def fake_quant_activation(
@@ -241,7 +274,8 @@ def fake_quant_activation(
   q = activation_range(bits)
   _check_input(x, "x")
   _check_scale(scale, like=x)
-  return (_round_ste(_scaled(x, scale, q)) / q.gamma).astype(x.dtype)
+  value = _round_ste(_scaled(x, scale, q)) / q.gamma
+  return value.astype(_output_dtype(x, value))
 
 
 def initial_weight_scale(w: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
@@ -276,9 +310,11 @@ def distance_to_transition(
   _check_input(w, "w")
   _check_scale(scale, like=w)
   if bits == 1:
-    return jnp.minimum(jnp.abs(w) / scale, 1.0)
-  u = _scaled(w, scale, q)
-  return 0.5 - jnp.abs(u - jnp.round(u))
+    dist = jnp.minimum(jnp.abs(_upcast(w)) / scale, 1.0)
+  else:
+    u = _scaled(w, scale, q)
+    dist = 0.5 - jnp.abs(u - jnp.round(u))
+  return dist.astype(_output_dtype(w, dist))
 
 
 def _is_none(x: Any) -> bool:

@@ -194,3 +194,139 @@ def test_cifar10_corrupt_file(tmp_path, content):
 def test_data_module_does_not_import_flax():
   code = "import sys, talr_optax.data; assert 'flax' not in sys.modules, 'flax imported'"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming the argument and the accepted values.
+
+
+@pytest.mark.parametrize("bad", [0.001, 9 / 1797, 0.999, 1787.5 / 1797])
+def test_digits_test_fraction_leaving_a_class_out_of_a_split(bad):
+  with pytest.raises(ValueError, match=r"test_fraction must leave at least 10 of the 1797 "
+                                       r"images .* in \(0.0050, 0.9944\]"):
+    data.load_digits(test_fraction=bad)
+
+
+def test_digits_test_fraction_range_edges_are_accepted():
+  lo = data.load_digits(test_fraction=9.001 / 1797)
+  hi = data.load_digits(test_fraction=1787 / 1797)
+  assert len(lo.test.labels) == 10 and len(hi.train.labels) == 10
+
+
+@pytest.mark.parametrize("bad", [float("nan"), True, None, [0.2]], ids=repr)
+def test_digits_bad_test_fraction_types(bad):
+  with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
+    data.load_digits(test_fraction=bad)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5, "0", None, True], ids=repr)
+def test_digits_bad_seed(bad):
+  with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
+    data.load_digits(seed=bad)
+
+
+def test_digits_numpy_numbers_accepted():
+  a = data.load_digits(test_fraction=np.float32(0.25), seed=np.int64(1))
+  b = data.load_digits(test_fraction=0.25, seed=1)
+  np.testing.assert_array_equal(a.test.labels, b.test.labels)
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"/tmp".decode, ["dir"]],
+                         ids=["None", "int", "fn", "list"])
+def test_cifar10_data_dir_not_a_path(bad):
+  with pytest.raises(TypeError, match="data_dir must be a path"):
+    data.load_cifar10(bad)
+
+
+def test_cifar10_data_dir_is_a_file(tmp_path):
+  _write_cifar(tmp_path)
+  with pytest.raises(FileNotFoundError,
+                     match="is a file, not a directory: data_dir = .*test_batch"):
+    data.load_cifar10(tmp_path / "test_batch")
+
+
+def _pickled(batch):
+  return pickle.dumps(batch, protocol=2)
+
+
+_PIXELS = np.zeros((2, 3072), np.uint8)
+
+
+@pytest.mark.parametrize("content, match", [
+    (_pickled({b"data": np.full((2, 3072), 0.5), b"labels": [0, 1]}),
+     r"data of dtype float64"),
+    (_pickled({b"data": np.full((2, 3072), 300), b"labels": [0, 1]}),
+     r"values in \[300, 300\]"),
+    (_pickled({b"data": np.full((2, 3072), -1), b"labels": [0, 1]}), r"values in \[-1, -1\]"),
+    (_pickled({b"data": _PIXELS, b"labels": [0.5, 1.5]}), r"labels of dtype float64"),
+    (_pickled({b"data": _PIXELS, b"labels": [0, 10]}), r"labels of dtype .* values in \[0, 10\]"),
+    (_pickled({b"data": _PIXELS, b"labels": ["a", "b"]}), r"non-numeric values"),
+    (_pickled({b"data": _PIXELS, b"labels": [[0], [1]]}), r"labels of shape \(2, 1\)"),
+    (_pickled({b"data": _PIXELS, b"labels": [0, 1, 2]}), r"labels of shape \(3,\)"),
+    (_pickled({b"data": [[1, 2], [3]], b"labels": [0, 1]}), r"ragged"),
+    (_pickled({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}),
+     r"data of shape \(0, 3072\)"),
+    (_pickled({b"data": np.zeros((2, 32, 32, 3), np.uint8), b"labels": [0, 1]}),
+     r"data of shape \(2, 32, 32, 3\)"),
+], ids=["float_pixels", "pixels_300", "pixels_negative", "float_labels", "label_10",
+        "string_labels", "labels_2d", "labels_count", "ragged", "empty", "nhwc_data"])
+def test_cifar10_wrong_contents_in_pickle(tmp_path, content, match):
+  _write_cifar(tmp_path)
+  (tmp_path / "test_batch").write_bytes(content)
+  with pytest.raises(ValueError, match=r"test_batch is corrupt: expected data: an integer "
+                                       r"array \(N, 3072\) with values in \[0, 255\].*" + match):
+    data.load_cifar10(tmp_path)
+
+
+_IMAGES = np.zeros((3, 4, 5, 1), np.float32)
+_RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("thunk, exc, match", [
+    (lambda: data.random_shift(_IMAGES[0], _RNG), ValueError,
+     r"random_shift: images must have shape \(N, H, W, C\), got images of shape \(4, 5, 1\)"),
+    (lambda: data.random_shift(_IMAGES.tolist(), _RNG), TypeError,
+     r"images must be a NumPy array \(N, H, W, C\), got images of type list"),
+    (lambda: data.random_shift(_IMAGES, 0), TypeError,
+     r"random_shift: rng must be a np.random.Generator .*got rng of type int"),
+    (lambda: data.random_shift(_IMAGES, _RNG, max_shift=4), ValueError,
+     r"max_shift must be an int in \[0, min\(H, W\) - 1\] = \[0, 3\] .*got max_shift = 4"),
+    (lambda: data.random_shift(_IMAGES, _RNG, max_shift=1.0), ValueError, r"max_shift = 1.0"),
+    (lambda: data.random_shift(_IMAGES, _RNG, max_shift=True), ValueError, r"max_shift = True"),
+    (lambda: data.random_shift(_IMAGES, _RNG, flip="yes"), ValueError,
+     r"flip must be True or False, got flip = 'yes'"),
+], ids=["3d", "list", "rng_int", "shift_too_big", "shift_float", "shift_bool", "flip_str"])
+def test_random_shift_bad_input(thunk, exc, match):
+  with pytest.raises(exc, match=match):
+    thunk()
+
+
+_SPLIT = data.Split(np.zeros((5, 1, 1, 1), np.float32), np.arange(5, dtype=np.int32))
+
+
+@pytest.mark.parametrize("thunk, exc, match", [
+    (lambda: data.batches((_SPLIT.images, _SPLIT.labels), 2), TypeError,
+     r"batches: split must be a Split\(images, labels\) of NumPy arrays, got split of type tuple"),
+    (lambda: data.batches(data.Split(_SPLIT.images, _SPLIT.labels[:4]), 2), ValueError,
+     r"split.images and split.labels must have the same length, got 5 images and 4 labels"),
+    (lambda: data.batches(_SPLIT, 6), ValueError,
+     r"batch_size must be <= the number of examples \(5\) with drop_last=True"),
+    (lambda: data.batches(_SPLIT, 2.0), ValueError, r"batch_size must be an int >= 1"),
+    (lambda: data.batches(_SPLIT, True), ValueError, r"batch_size must be an int >= 1"),
+    (lambda: data.batches(_SPLIT, 2, rng=0), TypeError,
+     r"batches: rng must be a np.random.Generator .*or None, got rng of type int"),
+    (lambda: data.batches(_SPLIT, 2, rng=_RNG, augment="shift"), TypeError,
+     r"augment must be None or a callable augment\(images, rng\)"),
+], ids=["tuple", "length_mismatch", "empty_epoch", "float_size", "bool_size", "rng_int",
+        "augment_str"])
+def test_batches_bad_input(thunk, exc, match):
+  with pytest.raises(exc, match=match):
+    thunk()
+
+
+def test_batches_and_random_shift_accept_numpy_integers():
+  assert [len(y) for _, y in data.batches(_SPLIT, np.int64(2))] == [2, 2]
+  assert [len(y) for _, y in data.batches(_SPLIT, 6, drop_last=False)] == [5]
+  out = data.random_shift(_IMAGES, np.random.default_rng(0), max_shift=np.int64(3),
+                          flip=np.bool_(True))
+  assert out.shape == _IMAGES.shape

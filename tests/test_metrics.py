@@ -1,5 +1,7 @@
 """Tests of talr_optax.metrics: keys, values and wrappers it must see through."""
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +212,101 @@ def test_under_jit():
 
 def test_no_talr_state_gives_empty_dict():
   assert talr_optax.metrics(optax.sgd(0.1).init(_params())) == {}
+
+
+# ---------------------------------------------------------------------------
+# Under nnx.Optimizer: its opt_state holds nnx Variables (OptArray), whose own
+# path entry (".value") must not end up in the keys.
+
+
+def _nnx_setup(tx_fn):
+  nnx = pytest.importorskip("flax.nnx")
+  from talr_optax import nnx as tnnx
+
+  class Tiny(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1 = tnnx.QuantLinear(in_features=3, out_features=4, weight_bits=None,
+                                  act_bits=None, rngs=rngs)
+      self.fc2 = tnnx.QuantLinear(in_features=4, out_features=5, weight_bits=2,
+                                  act_bits=2, rngs=rngs)
+      self.fc3 = tnnx.QuantLinear(in_features=5, out_features=2, weight_bits=4,
+                                  act_bits=None, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc3(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+  model = Tiny(nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+  y = jnp.asarray([0, 1] * 4)
+  tnnx.calibrate(model, x)
+  optimizer = nnx.Optimizer(model, tx_fn(model, tnnx), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    optimizer.update(model, nnx.grad(loss)(model))
+    return talr_optax.metrics(optimizer.opt_state)
+
+  m_jit = step(model, optimizer)
+  return optimizer, m_jit
+
+
+def _sgdt(model, tnnx, **kw):
+  return talr_optax.sgdt(0.5, 0.05, tnnx.levels_fn_for(model), momentum=0.9, **kw)
+
+
+def _partitioned(model, tnnx):
+  return optax.partition(
+      {tnnx.QUANTIZED: _sgdt(model, tnnx), tnnx.FULL_PRECISION: optax.sgd(0.1),
+       tnnx.ACTIVATION_SCALE: optax.sgd(0.01), tnnx.BATCH_NORM: optax.sgd(0.1)},
+      tnnx.param_labels(model))
+
+
+def _value(x):
+  return x[...] if hasattr(x, "__jax_array__") and not isinstance(x, jax.Array) else x
+
+
+@pytest.mark.parametrize("tx_fn", [_sgdt, _partitioned], ids=["chain", "partition"])
+def test_nnx_optimizer_keys_are_param_paths(tx_fn):
+  optimizer, m_jit = _nnx_setup(tx_fn)
+  state = _find(optimizer.opt_state, talr_optax.ScaleByTALRState)
+  m = talr_optax.metrics(optimizer.opt_state)
+  expected = _expected_keys(paths=("fc2/kernel", "fc3/kernel"))
+  assert set(m) == expected
+  assert set(m_jit) == expected  # same keys inside nnx.jit
+  assert int(_value(state.talr_count)) == 1
+  for f in FIELDS:
+    for layer in ("fc2", "fc3"):
+      key = f"{f}/{layer}/kernel"
+      want = np.asarray(_value(getattr(state, f)[layer]["kernel"]))
+      assert isinstance(m[key], jax.Array) and m[key].shape == ()
+      assert m[key].dtype == jnp.float32
+      np.testing.assert_array_equal(np.asarray(m[key]), want)
+      np.testing.assert_array_equal(np.asarray(m_jit[key]), want)
+  # The step moved U away from its initial value (the base learning rate).
+  assert any(float(m[f"talr/{layer}/kernel"]) != pytest.approx(0.5) for layer in ("fc2", "fc3"))
+
+
+def test_nnx_optimizer_global_granularity_keys():
+  optimizer, _ = _nnx_setup(lambda model, tnnx: _sgdt(model, tnnx, granularity="global"))
+  state = _find(optimizer.opt_state, talr_optax.ScaleByTALRState)
+  m = talr_optax.metrics(optimizer.opt_state)
+  assert set(m) == set(FIELDS)
+  for f in FIELDS:
+    np.testing.assert_array_equal(np.asarray(m[f]), np.asarray(_value(getattr(state, f))))
+
+
+class _Box(typing.NamedTuple):
+  value: jax.Array
+
+
+@pytest.mark.parametrize("wrap", [lambda x: _Box(x), lambda x: {"value": x}, lambda x: [x]],
+                         ids=["namedtuple", "dict", "list"])
+def test_only_array_like_wrappers_lose_their_path_entry(wrap):
+  """A NamedTuple, dict or list with one entry is a real param path: it stays in the key."""
+  params = wrap(jnp.asarray([0.3, -0.2, 0.05]))
+  levels_fn = quantizers.levels_fn_from_scales(wrap(0.5), 2)
+  m = talr_optax.metrics(talr_optax.scale_by_talr(0.05, levels_fn, learning_rate=0.1).init(params))
+  name = "0" if isinstance(params, list) else "value"
+  assert set(m) == {f"{f}/{name}" for f in FIELDS}

@@ -219,6 +219,32 @@ def test_weight_ste_gradient_is_one_over_s_inside_zero_outside(bits):
   np.testing.assert_allclose(nnx.grad(loss)(layer)["kernel"][...], expected, rtol=1e-5)
 
 
+def test_bfloat16_layer_calibrates_and_quantizes_like_float32():
+  """param_dtype=bfloat16: a bf16 step size is accepted, levels are those of float32."""
+  from talr_optax import quantizers
+
+  layer = tnnx.QuantLinear(in_features=64, out_features=8, weight_bits=8, act_bits=8,
+                           param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = _relu_batch(3, (4, 64)).astype(jnp.bfloat16)
+  @nnx.jit
+  def forward_and_grad(m):  # the first training forward calibrates
+    y, grads = nnx.value_and_grad(lambda m: jnp.sum(m(x).astype(jnp.float32)))(m)
+    return m(x), grads
+
+  y, grads = forward_and_grad(layer)
+  assert y.dtype == jnp.bfloat16
+  assert grads["kernel"][...].dtype == jnp.bfloat16
+  assert float(jnp.abs(grads["kernel"][...].astype(jnp.float32)).sum()) > 0
+  s = layer.weight_scale[...]
+  assert s.dtype == jnp.bfloat16 and bool(layer.calibrated[...])
+  kernel = layer.kernel[...]
+  np.testing.assert_array_equal(
+      layer.levels(),
+      quantizers.weight_levels(kernel.astype(jnp.float32), s.astype(jnp.float32), 8))
+  levels_fn = tnnx.levels_fn_for(layer)
+  np.testing.assert_array_equal(levels_fn(nnx.state(layer, nnx.Param))["kernel"], layer.levels())
+
+
 def test_activation_ste_gradients():
   layer = tnnx.QuantLinear(in_features=5, out_features=1, weight_bits=None, act_bits=2,
                            use_bias=False, kernel_init=nnx.initializers.ones,

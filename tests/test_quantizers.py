@@ -303,6 +303,49 @@ def test_fake_quant_preserves_dtype(dtype, bits):
       np.asarray(q.fake_quant_weight(w, 0.5, bits).astype(jnp.float32)), np.asarray(ref))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_low_precision_levels_equal_float32_levels_of_the_same_values(bits):
+  """u = gamma * w / s is computed in float32: no double rounding through bfloat16."""
+  w32 = np.random.default_rng(bits).normal(0.0, 0.3, 4096).astype(np.float32)
+  w16 = jnp.asarray(w32, jnp.bfloat16)
+  up = w16.astype(jnp.float32)  # the same values, exactly
+  x16, xup = jnp.abs(w16), jnp.abs(up)
+  for scale in (0.9, jnp.asarray(0.9, jnp.float32), jnp.asarray(0.9, jnp.bfloat16)):
+    s32 = jnp.asarray(scale, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(q.weight_levels(w16, scale, bits)),
+                                  np.asarray(q.weight_levels(up, s32, bits)))
+    np.testing.assert_array_equal(np.asarray(q.activation_levels(x16, scale, bits)),
+                                  np.asarray(q.activation_levels(xup, s32, bits)))
+    # Float results: computed in float32, rounded to bfloat16 once.
+    for fn, a, b in ((q.fake_quant_weight, w16, up), (q.fake_quant_activation, x16, xup),
+                     (q.distance_to_transition, w16, up)):
+      out = fn(a, scale, bits)
+      assert out.dtype == jnp.bfloat16, fn.__name__
+      np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
+                                    np.asarray(fn(b, s32, bits).astype(jnp.bfloat16)
+                                               .astype(jnp.float32)), err_msg=fn.__name__)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("multiply_scale", [False, True])
+def test_low_precision_fake_quant_ste_gradients(dtype, multiply_scale):
+  """Gradients still flow through the float32 computation, in the input's dtype."""
+  w = jnp.asarray([-1.5, -0.3, 0.1, 0.45, 2.0], dtype)  # |w| > s = 1: clipped
+  s = 1.0
+  gw = jax.grad(lambda w: jnp.sum(
+      q.fake_quant_weight(w, s, 2, multiply_scale=multiply_scale).astype(jnp.float32)))(w)
+  assert gw.dtype == dtype
+  inside = np.asarray([0.0, 1.0, 1.0, 1.0, 0.0])
+  expected = inside * (1.0 if multiply_scale else 1.0 / s)
+  np.testing.assert_array_equal(np.asarray(gw, np.float32), expected)
+  x = jnp.abs(w)
+  gx, gs = jax.grad(lambda x, s: jnp.sum(q.fake_quant_activation(x, s, 2).astype(jnp.float32)),
+                    argnums=(0, 1))(x, jnp.asarray(1.0, dtype))
+  assert gx.dtype == dtype and gs.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(gx, np.float32), [0.0, 1.0, 1.0, 1.0, 0.0])
+  assert float(gs) != 0.0
+
+
 # ---------------------------------------------------------------------------
 # Initial scales.
 

@@ -137,8 +137,12 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
     kernels, ``None`` for everything else.
 
   Raises:
-    ValueError: if ``model`` has no quantized kernel.
+    TypeError: if ``model`` is not an ``nnx.Module``.
+    ValueError: if ``model`` has no quantized kernel; from ``levels_fn``, if
+      ``params`` hold none of the model's quantized kernels, or one with
+      another shape.
   """
+  _check_module(model, "levels_fn_for")
   kernels = _kernel_paths(model)
   if not kernels:
     raise ValueError(
@@ -147,17 +151,64 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
     )
 
   def levels_fn(params: tp.Any) -> tp.Any:
+    seen = []
+
     def leaf_levels(path: Path, leaf: tp.Any) -> jax.Array | None:
       layer = kernels.get(path)
-      if layer is None or leaf is None or isinstance(leaf, optax.MaskedNode):
+      if layer is None:
+        return None
+      seen.append(path)
+      if leaf is None or isinstance(leaf, optax.MaskedNode):
         return None
       kernel = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+      want = tuple(layer.kernel.shape)
+      if tuple(jnp.shape(kernel)) != want:
+        raise ValueError(
+            f"levels_fn: params at '{_name(path)}' have shape {tuple(jnp.shape(kernel))}, "
+            f"but that kernel of the model given to levels_fn_for has shape {want}: "
+            "params must be nnx.state(model, nnx.Param) of that model."
+        )
       scale = _frozen_scale(layer, kernel, path)
       return quantizers.weight_levels(kernel, scale, layer.weight_bits)
 
-    return _map_with_path(leaf_levels, params)
+    out = _map_with_path(leaf_levels, params)
+    if not seen:
+      _raise_foreign_params(params, kernels)
+    return out
 
   return levels_fn
+
+
+def _name(path: Path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def _check_module(model: tp.Any, owner: str) -> None:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(
+        f"{owner}: model must be an nnx.Module (e.g. a SmallCNN, or any module with "
+        f"QuantConv/QuantLinear layers), got model of type {type(model).__name__}."
+    )
+
+
+def _raise_foreign_params(params: tp.Any, kernels: dict[Path, tp.Any]) -> tp.NoReturn:
+  """``params`` hold none of the model's quantized kernel paths: say what was expected."""
+  if getattr(params, "shape", None) == () and jnp.issubdtype(
+      getattr(params, "dtype", jnp.float32), jnp.integer):
+    raise ValueError(
+        "levels_fn was called with a step count instead of params: under"
+        " optax.inject_hyperparams pass static_args=('levels_fn',), since"
+        " it treats every callable argument as a schedule."
+    )
+  expected = ", ".join(f"'{_name(p)}'" for p in list(kernels)[:3])
+  got: list[str] = []
+  _map_with_path(lambda path, x: got.append(_name(path) or "<the root>"), params)
+  got_text = ", ".join(f"'{g}'" for g in got[:3]) or "no leaves"
+  raise ValueError(
+      "levels_fn: params hold none of the quantized kernels of the model given to "
+      f"levels_fn_for (expected paths such as {expected}; got {got_text}). Pass "
+      "nnx.state(model, nnx.Param) of that model, or a dict / pure state with its keys."
+  )
 
 
 def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
@@ -183,7 +234,19 @@ def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
   Returns:
     An ``nnx.State`` with the keys of ``nnx.state(model, wrt)`` and string
     leaves; a tree prefix of both the Variable-boxed and the pure state.
+
+  Raises:
+    TypeError: if ``model`` is not an ``nnx.Module`` or ``wrt`` is not an
+      nnx filter.
   """
+  _check_module(model, "param_labels")
+  try:
+    nnx.filterlib.to_predicate(wrt)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TypeError(
+        "param_labels: wrt must be an nnx filter, the one given to nnx.Optimizer "
+        f"(e.g. nnx.Param), got wrt = {wrt!r}."
+    ) from e
   kernels = _kernel_paths(model)
   batch_norms = {
       tuple(path) for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)

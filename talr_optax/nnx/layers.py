@@ -30,10 +30,12 @@ e.g. after loading pretrained full-precision weights.
 
 from __future__ import annotations
 
+import numbers
 import typing as tp
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer
@@ -77,28 +79,156 @@ class Calibrated(nnx.Variable):
   """Boolean flag: the layer's step sizes hold their initial values."""
 
 
+def _is_int(x: tp.Any) -> bool:
+  """A Python or NumPy integer, not a bool."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
 def validate_layer_bits(bits: tp.Any, name: str) -> int | None:
   """Returns ``bits`` if it is in ``ACCEPTED_BITS`` or ``None``, else raises.
 
   Args:
-    bits: the bit width to check.
+    bits: the bit width to check (a Python or NumPy integer, or ``None``).
     name: the argument name quoted in the error.
 
   Returns:
-    ``bits`` unchanged.
+    ``bits`` as a Python ``int``, or ``None``.
 
   Raises:
     ValueError: naming ``name`` and the accepted values.
   """
   if bits is None:
     return None
-  if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ACCEPTED_BITS:
+  if not _is_int(bits) or int(bits) not in ACCEPTED_BITS:
     accepted = ", ".join(str(b) for b in ACCEPTED_BITS)
     raise ValueError(
         f"{name} must be one of {accepted} or None (full precision), got "
         f"{name} = {bits!r}."
     )
-  return bits
+  return int(bits)
+
+
+def _check_positive_int(value: tp.Any, name: str, owner: str) -> int:
+  """``value`` as an ``int`` if it is an integer >= 1, else a ``ValueError``."""
+  if not _is_int(value) or value < 1:
+    raise ValueError(f"{owner}: {name} must be an integer >= 1, got {name} = {value!r}.")
+  return int(value)
+
+
+def _check_bool(value: tp.Any, name: str, owner: str) -> bool:
+  """``value`` as a ``bool`` if it is one (Python or NumPy), else a ``ValueError``."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{owner}: {name} must be True or False, got {name} = {value!r}.")
+  return bool(value)
+
+
+def _check_rngs(rngs: tp.Any, owner: str) -> nnx.Rngs:
+  """Rejects anything but an ``nnx.Rngs`` before a parameter is drawn."""
+  if not isinstance(rngs, nnx.Rngs):
+    raise TypeError(
+        f"{owner}: rngs must be an nnx.Rngs, e.g. rngs=nnx.Rngs(0), got "
+        f"rngs of type {type(rngs).__name__}: {str(rngs)[:60]}"
+    )
+  return rngs
+
+
+def _check_float_dtype(dtype: tp.Any, name: str, owner: str, allow_none: bool) -> None:
+  if dtype is None and allow_none:
+    return
+  try:
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    none = " or None" if allow_none else ""
+    raise ValueError(
+        f"{owner}: {name} must be a floating dtype (e.g. jnp.float32, "
+        f"jnp.bfloat16){none}, got {name} = {dtype!r}."
+    )
+
+
+def _check_callable(fn: tp.Any, name: str, owner: str) -> None:
+  if not callable(fn):
+    raise TypeError(
+        f"{owner}: {name} must be an initializer, fn(key, shape, dtype) -> array, "
+        f"got {name} of type {type(fn).__name__}."
+    )
+
+
+def _check_common(owner: str, *, in_features, out_features, weight_bits, act_bits, use_bias,
+                  multiply_scale, deterministic, dtype, param_dtype, kernel_init, bias_init,
+                  rngs) -> tuple[int, int]:
+  """Checks of the arguments QuantConv and QuantLinear share; returns the sizes."""
+  validate_layer_bits(weight_bits, "weight_bits")
+  validate_layer_bits(act_bits, "act_bits")
+  in_features = _check_positive_int(in_features, "in_features", owner)
+  out_features = _check_positive_int(out_features, "out_features", owner)
+  for name, value in (("use_bias", use_bias), ("multiply_scale", multiply_scale),
+                      ("deterministic", deterministic)):
+    _check_bool(value, name, owner)
+  _check_float_dtype(dtype, "dtype", owner, allow_none=True)
+  _check_float_dtype(param_dtype, "param_dtype", owner, allow_none=False)
+  _check_callable(kernel_init, "kernel_init", owner)
+  _check_callable(bias_init, "bias_init", owner)
+  _check_rngs(rngs, owner)
+  return in_features, out_features
+
+
+def _int_tuple(value: tp.Any, name: str, owner: str, rank: int | None,
+               minimum: int) -> tuple[int, ...]:
+  """An int (repeated ``rank`` times) or a sequence of ints, each >= ``minimum``."""
+  if _is_int(value):
+    values = (value,) * (rank or 2)
+  elif isinstance(value, tp.Sequence) and not isinstance(value, str):
+    values = tuple(value)
+  else:
+    values = None
+  shape = f"{rank} integers" if rank else "a non-empty sequence of integers"
+  if (values is None or not values or (rank is not None and len(values) != rank)
+      or not all(_is_int(v) and v >= minimum for v in values)):
+    raise ValueError(
+        f"{owner}: {name} must be an integer >= {minimum} or {shape} >= {minimum}"
+        f", got {name} = {value!r}."
+    )
+  return tuple(int(v) for v in values)
+
+
+_PADDING_STRINGS = ("SAME", "SAME_LOWER", "VALID")
+
+
+def _check_padding(padding: tp.Any, rank: int, owner: str) -> str | list[tuple[int, int]]:
+  """``'SAME'``, ``'SAME_LOWER'``, ``'VALID'``, an int >= 0 or ``rank`` (low, high) pairs."""
+  if isinstance(padding, str) and padding.upper() in _PADDING_STRINGS:
+    return padding.upper()
+  if _is_int(padding) and padding >= 0:
+    return [(int(padding), int(padding))] * rank
+  if isinstance(padding, tp.Sequence) and not isinstance(padding, str):
+    pairs = list(padding)
+    if len(pairs) == rank and all(
+        isinstance(p, tp.Sequence) and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
+        for p in pairs):
+      return [(int(lo), int(hi)) for lo, hi in pairs]
+  raise ValueError(
+      f"{owner}: padding must be one of {', '.join(repr(p) for p in _PADDING_STRINGS)}, "
+      f"an integer >= 0, or {rank} (low, high) pairs of integers >= 0 (one per spatial "
+      f"axis), got padding = {padding!r}."
+  )
+
+
+def _check_inputs(inputs: tp.Any, owner: str, in_features: int,
+                  ndim: int | None = None, shape_doc: str = "") -> None:
+  """Rejects a non-array, or an array of another rank or feature size, at the call."""
+  if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
+    raise TypeError(
+        f"{owner}: inputs must be an array (jax.Array or numpy.ndarray) of shape "
+        f"{shape_doc}, got inputs of type {type(inputs).__name__}."
+    )
+  shape = tuple(inputs.shape)
+  if (ndim is not None and len(shape) != ndim) or not shape or shape[-1] != in_features:
+    raise ValueError(
+        f"{owner}: inputs must have shape {shape_doc} with in_features = {in_features}, "
+        f"got inputs of shape {shape}."
+    )
 
 
 def fresh_weight_scale(kernel: jax.Array) -> jax.Array:
@@ -221,13 +351,13 @@ class QuantConv(QuantLayer):
     (1, 8, 8, 4)
 
   Args:
-    in_features: number of input channels.
-    out_features: number of output channels.
-    kernel_size: a sequence, or an int for a square 2-D kernel (unlike
-      ``nnx.Conv``, where an int means a 1-D kernel).
-    strides: an int or a sequence of ints (default 1).
-    padding: ``'SAME'``, ``'VALID'``, an int, or a sequence of ``(low, high)``
-      pairs, as in ``nnx.Conv``.
+    in_features: number of input channels (>= 1).
+    out_features: number of output channels (>= 1).
+    kernel_size: a non-empty sequence of ints >= 1, or an int for a square
+      2-D kernel (unlike ``nnx.Conv``, where an int means a 1-D kernel).
+    strides: an int >= 1 or one int >= 1 per spatial axis (default 1).
+    padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'``, an int >= 0, or one
+      ``(low, high)`` pair of ints >= 0 per spatial axis.
     weight_bits: kernel bits in ``{1, 2, 3, 4, 8}``; ``None`` keeps it full
       precision.
     act_bits: input activation bits in ``{1, 2, 3, 4, 8}``; ``None`` keeps
@@ -242,6 +372,13 @@ class QuantConv(QuantLayer):
     kernel_init: kernel initializer.
     bias_init: bias initializer.
     rngs: random number generators (``rngs.params()`` draws the kernel).
+
+  Raises:
+    ValueError: an argument out of its range (named in the message), checked
+      before any parameter is drawn; at the call, ``inputs`` of another rank
+      or feature size.
+    TypeError: ``rngs`` that is not an ``nnx.Rngs``, an initializer that is
+      not callable; at the call, ``inputs`` that is not an array.
   """
 
   def __init__(
@@ -264,15 +401,16 @@ class QuantConv(QuantLayer):
       rngs: nnx.Rngs,
   ):
     # Validate before drawing any random numbers.
-    validate_layer_bits(weight_bits, "weight_bits")
-    validate_layer_bits(act_bits, "act_bits")
-    kernel_size = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
+    in_features, out_features = _check_common(
+        "QuantConv", in_features=in_features, out_features=out_features,
+        weight_bits=weight_bits, act_bits=act_bits, use_bias=use_bias,
+        multiply_scale=multiply_scale, deterministic=deterministic, dtype=dtype,
+        param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+    kernel_size = _int_tuple(kernel_size, "kernel_size", "QuantConv", None, 1)
     rank = len(kernel_size)
     self.kernel_size = kernel_size
-    self.strides = (strides,) * rank if isinstance(strides, int) else tuple(strides)
-    self.padding = (
-        [(padding, padding)] * rank if isinstance(padding, int) else padding
-    )
+    self.strides = _int_tuple(strides, "strides", "QuantConv", rank, 1)
+    self.padding = _check_padding(padding, rank, "QuantConv")
     self.in_features = in_features
     self.out_features = out_features
     self.use_bias = use_bias
@@ -303,11 +441,8 @@ class QuantConv(QuantLayer):
       ``(batch, *spatial_out, out_features)``.
     """
     rank = len(self.kernel_size)
-    if inputs.ndim != rank + 2:
-      raise ValueError(
-          f"inputs must have shape (batch, {rank} spatial axes, features), got "
-          f"shape {inputs.shape}."
-      )
+    _check_inputs(inputs, "QuantConv", self.in_features, rank + 2,
+                  f"(batch, {rank} spatial axes, features)")
     x, kernel = self._quantize(inputs)
     dtype = self.dtype or jnp.result_type(x, kernel)
     spatial = tuple(range(1, rank + 1))
@@ -336,8 +471,8 @@ class QuantLinear(QuantLayer):
   ``nnx.Linear``.
 
   Args:
-    in_features: input size.
-    out_features: output size.
+    in_features: input size (>= 1).
+    out_features: output size (>= 1).
     weight_bits: kernel bits in ``{1, 2, 3, 4, 8}`` or ``None``.
     act_bits: input activation bits in ``{1, 2, 3, 4, 8}`` or ``None``.
     use_bias: add a full-precision bias (default True).
@@ -348,6 +483,9 @@ class QuantLinear(QuantLayer):
     kernel_init: kernel initializer.
     bias_init: bias initializer.
     rngs: random number generators.
+
+  Raises:
+    ValueError, TypeError: as :class:`QuantConv`.
   """
 
   def __init__(
@@ -366,8 +504,11 @@ class QuantLinear(QuantLayer):
       bias_init: Initializer = default_bias_init,
       rngs: nnx.Rngs,
   ):
-    validate_layer_bits(weight_bits, "weight_bits")
-    validate_layer_bits(act_bits, "act_bits")
+    in_features, out_features = _check_common(
+        "QuantLinear", in_features=in_features, out_features=out_features,
+        weight_bits=weight_bits, act_bits=act_bits, use_bias=use_bias,
+        multiply_scale=multiply_scale, deterministic=deterministic, dtype=dtype,
+        param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
     self.in_features = in_features
     self.out_features = out_features
     self.use_bias = use_bias
@@ -396,6 +537,7 @@ class QuantLinear(QuantLayer):
     Returns:
       ``(..., out_features)``.
     """
+    _check_inputs(inputs, "QuantLinear", self.in_features, None, "(..., in_features)")
     x, kernel = self._quantize(inputs)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype))

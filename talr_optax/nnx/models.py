@@ -21,6 +21,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from talr_optax.nnx import layers as layers_lib
@@ -41,10 +42,14 @@ __all__ = [
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _validate(weight_bits: tp.Any, act_bits: tp.Any) -> None:
-  # Before any parameter is drawn, so a typo fails fast.
+def _validate(owner: str, weight_bits: tp.Any, act_bits: tp.Any, rngs: tp.Any,
+              **sizes: tp.Any) -> dict[str, int]:
+  """Checks a model's arguments before any parameter is drawn; returns the sizes as ints."""
   layers_lib.validate_layer_bits(weight_bits, "weight_bits")
   layers_lib.validate_layer_bits(act_bits, "act_bits")
+  out = {name: layers_lib._check_positive_int(v, name, owner) for name, v in sizes.items()}
+  layers_lib._check_rngs(rngs, owner)
+  return out
 
 
 def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -65,6 +70,11 @@ class SmallCNN(nnx.Module):
     num_classes: output classes.
     width: channels of the first conv; the quantized convs use ``2 * width``.
     rngs: random number generators.
+
+  Raises:
+    ValueError: bits outside ``{1, 2, 3, 4, 8, None}``, or a size
+      (``in_channels``, ``num_classes``, ``width``) that is not an int >= 1.
+    TypeError: ``rngs`` is not an ``nnx.Rngs``.
   """
 
   def __init__(
@@ -77,7 +87,9 @@ class SmallCNN(nnx.Module):
       width: int = 16,
       rngs: nnx.Rngs,
   ):
-    _validate(weight_bits, act_bits)
+    sizes = _validate("SmallCNN", weight_bits, act_bits, rngs, in_channels=in_channels,
+                      num_classes=num_classes, width=width)
+    in_channels, num_classes, width = (sizes[k] for k in ("in_channels", "num_classes", "width"))
     qconv = partial(QuantConv, kernel_size=3, weight_bits=weight_bits, act_bits=act_bits,
                     kernel_init=he_normal, rngs=rngs)
     self.conv1 = QuantConv(
@@ -119,6 +131,11 @@ class BasicBlock(nnx.Module):
     weight_bits: kernel bits or ``None``.
     act_bits: input bits or ``None``.
     rngs: random number generators.
+
+  Raises:
+    ValueError: sizes or ``stride`` not ints >= 1, ``out_features <
+      in_features`` (the shortcut only pads), bad bits.
+    TypeError: ``rngs`` is not an ``nnx.Rngs``.
   """
 
   def __init__(
@@ -131,6 +148,16 @@ class BasicBlock(nnx.Module):
       act_bits: int | None,
       rngs: nnx.Rngs,
   ):
+    sizes = _validate("BasicBlock", weight_bits, act_bits, rngs, in_features=in_features,
+                      out_features=out_features, stride=stride)
+    in_features, out_features, stride = (
+        sizes[k] for k in ("in_features", "out_features", "stride"))
+    if out_features < in_features:
+      raise ValueError(
+          "BasicBlock: out_features must be >= in_features (the option-A shortcut "
+          f"zero-pads channels, it cannot drop them), got in_features = {in_features}, "
+          f"out_features = {out_features}."
+      )
     qconv = partial(QuantConv, kernel_size=3, weight_bits=weight_bits, act_bits=act_bits,
                     kernel_init=he_normal, rngs=rngs)
     self.conv1 = qconv(in_features=in_features, out_features=out_features, strides=stride)
@@ -160,6 +187,11 @@ class ResNet20(nnx.Module):
     in_channels: input channels (3 for CIFAR).
     num_classes: output classes.
     rngs: random number generators.
+
+  Raises:
+    ValueError: bits outside ``{1, 2, 3, 4, 8, None}``, or ``in_channels`` /
+      ``num_classes`` not an int >= 1.
+    TypeError: ``rngs`` is not an ``nnx.Rngs``.
   """
 
   def __init__(
@@ -171,7 +203,9 @@ class ResNet20(nnx.Module):
       num_classes: int = 10,
       rngs: nnx.Rngs,
   ):
-    _validate(weight_bits, act_bits)
+    sizes = _validate("ResNet20", weight_bits, act_bits, rngs, in_channels=in_channels,
+                      num_classes=num_classes)
+    in_channels, num_classes = sizes["in_channels"], sizes["num_classes"]
     self.conv1 = QuantConv(
         in_features=in_channels, out_features=16, kernel_size=3,
         weight_bits=None, act_bits=None, kernel_init=he_normal, rngs=rngs,
@@ -196,6 +230,34 @@ class ResNet20(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+def _check_model(model: tp.Any, owner: str, name: str) -> None:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(
+        f"{owner}: {name} must be an nnx.Module (e.g. a SmallCNN or ResNet20), got "
+        f"{name} of type {type(model).__name__}."
+    )
+
+
+def _check_batch(x: tp.Any) -> None:
+  """``x`` must be a numeric, non-empty, finite array with a batch axis."""
+  if not isinstance(x, (jax.Array, np.ndarray)):
+    raise TypeError(
+        "calibrate: x must be a batch as a jax.Array or numpy.ndarray, got x of type "
+        f"{type(x).__name__}."
+    )
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+    raise ValueError(f"calibrate: x must hold numbers, got x of dtype {x.dtype}.")
+  if x.ndim < 1 or x.shape[0] < 1:
+    raise ValueError(
+        "calibrate: x must be a non-empty batch (batch axis first, size >= 1), got x "
+        f"of shape {tuple(x.shape)}."
+    )
+  if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError(
+        "calibrate: x holds NaN or Inf; the step sizes computed from it would be NaN."
+    )
 
 
 def reset_calibration(model: nnx.Module) -> None:
@@ -238,7 +300,21 @@ def calibrate(
     x: a training batch.
     forward: ``forward(model, x)`` if the model is not called as
       ``model(x)``.
+
+  Raises:
+    TypeError: ``model`` is not an ``nnx.Module``, ``x`` is not an array,
+      ``forward`` is not callable.
+    ValueError: ``x`` is empty, has no batch axis, holds NaN or Inf (the
+      scales would be NaN), or its shape does not fit the model (the
+      message quotes the layer's own error).
   """
+  _check_model(model, "calibrate", "model")
+  if forward is not None and not callable(forward):
+    raise TypeError(
+        "calibrate: forward must be None or a callable forward(model, x), got "
+        f"forward of type {type(forward).__name__}."
+    )
+  _check_batch(x)
   modes = [
       (module, name, getattr(module, name))
       for _, module in nnx.iter_modules(model)
@@ -247,14 +323,29 @@ def calibrate(
   ]
   # Arrays are immutable, so the pure state is a snapshot.
   batch_stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  flags = nnx.as_pure(nnx.state(model, layers_lib.Calibrated))
   reset_calibration(model)
   model.train()
   try:
-    _calibration_pass(model, x, forward or _call)
+    try:
+      _calibration_pass(model, x, forward or _call)
+    except Exception as e:
+      nnx.update(model, flags)  # a failed call leaves the model as it was
+      if isinstance(e, ValueError):
+        # The layers name their own argument (``inputs``); say which batch it was.
+        raise ValueError(
+            f"calibrate: the batch x of shape {tuple(x.shape)} and dtype {x.dtype} does "
+            f"not fit the model: {e}"
+        ) from e
+      raise
   finally:
     nnx.update(model, batch_stats)
     for module, name, value in modes:
       setattr(module, name, value)
+
+
+def _path_name(path: tuple[tp.Any, ...]) -> str:
+  return "/".join(str(p) for p in path)
 
 
 def load_full_precision(target: nnx.Module, source: nnx.Module | nnx.State) -> None:
@@ -272,9 +363,12 @@ def load_full_precision(target: nnx.Module, source: nnx.Module | nnx.State) -> N
       or its ``nnx.state(model)`` (Variable leaves, so it can be filtered).
 
   Raises:
-    ValueError: if ``source`` holds nothing to copy, or a copied path is
-      missing in ``target`` or has another shape.
+    TypeError: if ``target`` is not an ``nnx.Module``.
+    ValueError: if ``source`` is not a module or state, holds nothing to
+      copy, a copied path is missing in ``target`` or has another shape, or
+      a weight of ``target`` is missing in ``source``. Nothing is copied then.
   """
+  _check_model(target, "load_full_precision", "target")
   weights = nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), nnx.Not(layers_lib.ActivationScale))
   if isinstance(source, nnx.Module):
     source = nnx.state(source, weights)
@@ -292,14 +386,30 @@ def load_full_precision(target: nnx.Module, source: nnx.Module | nnx.State) -> N
     )
   dst = dict(nnx.to_flat_state(nnx.state(target)))
   for path, value in src:
-    name = "/".join(str(p) for p in path)
+    name = _path_name(path)
     if path not in dst:
-      raise ValueError(f"load_full_precision: target has no variable at '{name}'.")
+      raise ValueError(
+          f"load_full_precision: target has no variable at '{name}' (source and target "
+          "must be the same architecture, e.g. both SmallCNN with the same width)."
+      )
     src_shape = jnp.shape(value[...] if isinstance(value, nnx.Variable) else value)
     if src_shape != dst[path].shape:
       raise ValueError(
           f"load_full_precision: shape mismatch at '{name}': source "
           f"{src_shape}, target {dst[path].shape}."
       )
+  # Every weight of target must come from source: a partial load would leave
+  # some layers at their random initialisation without a word.
+  src_paths = {path for path, _ in src}
+  missing = sorted(
+      _path_name(path) for path, _ in nnx.to_flat_state(nnx.state(target, weights))
+      if path not in src_paths)
+  if missing:
+    shown = ", ".join(f"'{m}'" for m in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    raise ValueError(
+        f"load_full_precision: source has no value for {len(missing)} weight(s) of "
+        f"target: {shown}{more} (source and target must be the same architecture)."
+    )
   nnx.update(target, nnx.as_pure(source))
   reset_calibration(target)
