@@ -76,9 +76,10 @@ def test_train_step_runs(tmp_path):
   import train_step  # pylint: disable=import-outside-toplevel
   out = tmp_path / "train_step.json"
   rows = train_step.main(["--model", "cnn", "--batch", "4", "--repeats", "2", "--warmup", "0",
-                          "--out", str(out)])
-  assert [r["variant"] for r in rows] == ["sgd", "sgdt"]
-  assert _load(out)["meta"]["recompiles_while_timing"] == 0  # NNX step: no recompiles
-  sgd, sgdt = rows
+                          "--style", "nnx,functional", "--out", str(out)])
+  assert [(r["style"], r["variant"]) for r in rows] == [
+      ("nnx", "sgd"), ("nnx", "sgdt"), ("functional", "sgd"), ("functional", "sgdt")]
+  assert _load(out)["meta"]["recompiles_while_timing"] == 0  # NNX steps: no recompiles
+  sgd, sgdt = rows[:2]
   assert sgdt["opt_state_bytes"] - sgd["opt_state_bytes"] == (
       sgdt["n_quantized"] + 5 * 4 * sgdt["n_quantized_tensors"] + 4)
