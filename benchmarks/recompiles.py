@@ -1,0 +1,155 @@
+"""Figure 4: recompilations after the first step while the rates change.
+
+Runs a jitted training step for 50 steps (``--steps``) and counts, with
+``jax.monitoring`` listeners, every XLA backend compilation (and every jaxpr
+trace) that happens after the first step. The TALR rates (``k``, ``K``, ``c``,
+``U``, and ``R`` from a cosine target schedule) are state values that change
+every step; the script checks that they did change, so a count of 0 means the
+compiled step is reused with new rate values, not that nothing moved.
+
+Scenarios:
+
+* ``sgdt`` / ``adamt``: ``jax.jit`` step with donated params and state on the
+  1M conv tensors of ``optimizer_step.py`` (0.1M with ``--quick``), target
+  ``cosine_target`` and a cosine learning-rate schedule;
+* ``sgdt_inject``: ``optax.inject_hyperparams(talr_optax.sgdt,
+  static_args=("levels_fn",))``; the step also writes a new learning rate and
+  target (float32 arrays) into ``state.hyperparams`` every step, as a user
+  changing them by hand would;
+* ``sgdt_levels``: ``update(..., levels=...)`` with levels passed in;
+* ``nnx_sgdt``: the NNX ResNet-20 W2A2 step of ``train_step.py`` (batch 8;
+  ``--quick``: SmallCNN).
+
+Usage:
+  python benchmarks/recompiles.py --quick    # small tensors, SmallCNN (~20 s)
+  python benchmarks/recompiles.py            # 1M tensors, ResNet-20, 50 steps each
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # pylint: disable=wrong-import-position
+
+import talr_optax as talr  # pylint: disable=wrong-import-position
+
+
+def _rates(state) -> np.ndarray:
+  m = talr.metrics(state)
+  return np.asarray([float(jax.tree.leaves(m[k])[0]) for k in sorted(m)])
+
+
+def functional(name: str, size: str, steps: int) -> dict:
+  params, grads, scales = H.make_problem(size)
+  levels_fn = talr.levels_fn_from_scales(scales, bits=H.BITS)
+  target = talr.cosine_target(talr.initial_target(H.BITS), steps)
+  lr = optax.cosine_decay_schedule(H.LR, steps)
+  if name == "adamt":
+    tx = talr.adamt(optax.cosine_decay_schedule(H.ADAM_LR, steps), target, levels_fn,
+                    weight_decay=H.WEIGHT_DECAY)
+  elif name == "sgdt_inject":
+    tx = optax.inject_hyperparams(talr.sgdt, static_args=("levels_fn",))(
+        learning_rate=H.LR, target_transition_rate=talr.initial_target(H.BITS),
+        levels_fn=levels_fn, momentum=H.MOMENTUM, weight_decay=H.WEIGHT_DECAY)
+  else:
+    tx = talr.sgdt(lr, target, levels_fn, momentum=H.MOMENTUM, weight_decay=H.WEIGHT_DECAY)
+  with_levels = name == "sgdt_levels"
+
+  def step(params, state, grads, levels=None):
+    extra = {"levels": levels} if with_levels else {}
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  levels_jit = jax.jit(levels_fn)
+  params = jax.tree.map(lambda x: x.copy(), params)
+  state = tx.init(params)
+  # Gradients that change every step (new values, same shapes and dtypes).
+  grad_seq = [jax.tree.map(lambda g, i=i: g * (1.0 + 0.5 * np.sin(i)), grads) for i in range(4)]
+  rates, counts = [], []
+  for i in range(steps):
+    if name == "sgdt_inject":
+      hp = dict(state.hyperparams)
+      hp["learning_rate"] = jnp.asarray(H.LR * (1.0 - i / steps) + 1e-3, jnp.float32)
+      hp["target_transition_rate"] = jnp.asarray(
+          talr.initial_target(H.BITS) * (1.0 - i / steps), jnp.float32)
+      state = state._replace(hyperparams=hp)
+    levels = levels_jit(params) if with_levels else None
+    params, state = step(params, state, grad_seq[i % len(grad_seq)], levels)
+    jax.block_until_ready(params)
+    rates.append(_rates(state))
+    counts.append(H.compile_counts())
+  return _summary(name, size, steps, rates, counts)
+
+
+def nnx_step(model_name: str, batch: int, steps: int) -> dict:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import train_step as TS  # pylint: disable=import-outside-toplevel
+  import talr_optax.nnx as tnnx  # pylint: disable=import-outside-toplevel
+  model, shape = TS.make_model(model_name, 0)
+  key = jax.random.PRNGKey(0)
+  xs = [jax.random.normal(jax.random.fold_in(key, i), (batch, *shape)) for i in range(4)]
+  y = jax.random.randint(key, (batch,), 0, 10)
+  tnnx.calibrate(model, xs[0])
+  optimizer = nnx.Optimizer(model, TS.make_tx("sgdt", model, total_steps=steps), wrt=nnx.Param)
+  step = TS.make_step(donate=False)
+  rates, counts = [], []
+  for i in range(steps):
+    jax.block_until_ready(step(model, optimizer, xs[i % len(xs)], y))
+    rates.append(_rates(optimizer.opt_state))
+    counts.append(H.compile_counts())
+  return _summary(f"nnx_sgdt ({model_name}, batch {batch})", None, steps, rates, counts)
+
+
+def _summary(name, size, steps, rates, counts) -> dict:
+  first = counts[0]
+  after = {k: counts[-1][k] - first[k] for k in first}
+  rates = np.stack(rates)
+  changed = int(np.sum(np.any(np.diff(rates, axis=0) != 0, axis=1)))
+  return dict(scenario=name, size=size, steps=steps,
+              recompiles_after_first_step=after["backend"],
+              retraces_after_first_step=after["trace"],
+              steps_with_changed_rates=changed, n_rate_values=int(rates.shape[1]))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--steps", type=int, default=50)
+  ap.add_argument("--scenarios", default="sgdt,adamt,sgdt_inject,sgdt_levels,nnx_sgdt")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  H.compile_counts()  # registers the listeners
+  size = "0.1M" if args.quick else "1M"
+  t0 = time.perf_counter()
+  rows = []
+  for name in args.scenarios.split(","):
+    if name == "nnx_sgdt":
+      rows.append(nnx_step("cnn" if args.quick else "resnet20", 8, args.steps))
+    else:
+      rows.append(functional(name, size, args.steps))
+  H.print_table(
+      f"recompiles after the first step, {args.steps} steps",
+      ["scenario", "size", "recompiles", "retraces", "steps with new rates"],
+      [[r["scenario"], r["size"] or "", r["recompiles_after_first_step"],
+        r["retraces_after_first_step"], f"{r['steps_with_changed_rates']}/{r['steps'] - 1}"]
+       for r in rows])
+  out = args.out or os.path.join(
+      H.RESULTS_DIR, "recompiles_quick.json" if args.quick else "recompiles.json")
+  H.write_json(out, dict(meta=H.meta(sys.argv[1:] if argv is None else argv,
+                                     seconds=time.perf_counter() - t0), rows=rows))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
