@@ -135,7 +135,9 @@ def main(argv=None):
   if args.plot:
     plot(res, args.plot)
   out = args.out or os.path.join(H.RESULTS_DIR, "scaling_quick.json" if args.quick else "scaling.json")
-  H.write_json(out, dict(meta=H.meta(sys.argv[1:] if argv is None else argv, source=src,
+  # Record the source relative to the repository, not as a machine path.
+  source = os.path.relpath(src, os.path.dirname(os.path.dirname(H.RESULTS_DIR)))
+  H.write_json(out, dict(meta=H.meta(sys.argv[1:] if argv is None else argv, source=source,
                                      source_meta=data.get("meta"),
                                      seconds=time.perf_counter() - t0), rows=res))
   return res
