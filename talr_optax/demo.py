@@ -222,8 +222,7 @@ def make_optimizer(cfg: DemoConfig, model, method: str, bits: int, total_steps: 
       tnnx.FULL_PRECISION: optax.chain(decay, _base(cfg, 0.9),
                                        optax.scale_by_learning_rate(lr_schedule)),
       tnnx.ACTIVATION_SCALE: optax.sgd(optax.cosine_decay_schedule(_ACT_SCALE_LR, total_steps)),
-      tnnx.BATCH_NORM: optax.chain(_base(cfg, 0.0) if cfg.optimizer == "adam" else optax.identity(),
-                                   optax.scale_by_learning_rate(lr_schedule)),
+      tnnx.BATCH_NORM: optax.chain(_base(cfg, 0.0), optax.scale_by_learning_rate(lr_schedule)),
   }
   return optax.partition(groups, tnnx.param_labels(model)), lr_schedule
 
@@ -244,7 +243,8 @@ def _step_metrics(opt_state) -> dict[str, jax.Array]:
   return out
 
 
-def _make_steps(model, optimizer):
+def _make_steps():
+  """Jitted ``train_step(model, optimizer, x, y) -> (loss, rates)`` and ``correct``."""
   nnx, _ = _nnx()
 
   @nnx.jit
@@ -292,14 +292,7 @@ def pretrain_full_precision(cfg: DemoConfig, dataset, seed: int, progress=None):
   tx = optax.chain(optax.add_decayed_weights(_WEIGHT_DECAY),
                    optax.sgd(lr, momentum=0.9) if cfg.optimizer == "sgd" else optax.adam(lr))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    def loss_fn(model):
-      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
+  step, _ = _make_steps()
 
   rng = np.random.default_rng(10_000 + seed)
   model.train()
@@ -370,7 +363,7 @@ def run_qat(cfg: DemoConfig, dataset, fp_model, bits: int, seed: int, method: st
   total = cfg.epochs * steps_per_epoch
   tx, lr_schedule = make_optimizer(cfg, model, method, bits, total)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  train_step, correct = _make_steps(model, optimizer)
+  train_step, correct = _make_steps()
   r0 = talr.initial_target(bits, cfg.lam)
   target = talr.cosine_target(r0, total)
 
