@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from talr_optax.counting import count_transitions
+from talr_optax.counting import count_transitions, count_transitions_packed
 
 __all__ = [
     "ScaleByTALRState",
@@ -232,9 +232,11 @@ def _check_level(i: int, level: Any, param: Any) -> jax.Array:
   return level.astype(_LEVEL_DTYPE)
 
 
-def _levels_or_none(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any]) -> Any:
+def _levels_or_none(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any]
+                    ) -> tuple[Any, bool]:
+  """The raw levels, and whether they were passed as ``levels=`` (not computed)."""
   if "levels" in extra_args and extra_args["levels"] is not None:
-    return extra_args["levels"]
+    return extra_args["levels"], True
   if type(params).__name__ == "_ParamsPlaceholder":
     raise ValueError(
         "optax.tree.map_params cannot map a TALR state: its init calls"
@@ -248,19 +250,19 @@ def _levels_or_none(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any]
         " levels: call tx.update(updates, state, params), or pass levels=..."
         " computed in the forward pass."
     )
-  return levels_fn(params)
+  return levels_fn(params), False
 
 
 def _read_levels(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any],
-                 reference: Any) -> tuple[list[Any], Any]:
+                 reference: Any) -> tuple[list[Any], Any, bool]:
   """Calls ``levels_fn`` and checks its output against ``reference`` leaf by leaf.
 
-  Returns the int8 levels (``None`` for unquantized or masked leaves) and the
-  treedef of the levels.
+  Returns the int8 levels (``None`` for unquantized or masked leaves), the
+  treedef of the levels, and whether they were passed as ``levels=``.
   """
   if not callable(levels_fn):
     raise _not_callable_levels_fn(levels_fn)
-  raw = _levels_or_none(levels_fn, params, extra_args)
+  raw, passed = _levels_or_none(levels_fn, params, extra_args)
   leaves, treedef = _flatten_levels(raw)
   matched = _match(treedef, reference, "params")
   out = []
@@ -278,18 +280,25 @@ def _read_levels(levels_fn: LevelsFn, params: Any, extra_args: dict[str, Any],
           " quantized leaf, None elsewhere)."
       )
     out.append(_check_level(i, level, ref))
-  return out, treedef
+  return out, treedef, passed
 
 
-def _measure(levels: list[Any], prev: list[Any]) -> tuple[list[Any], list[Any]]:
-  """Per quantized leaf: changed count (int32) and size; ``None`` elsewhere."""
+def _measure(levels: list[Any], prev: list[Any], passed: bool = False
+             ) -> tuple[list[Any], list[Any]]:
+  """Per quantized leaf: changed count (int32) and size; ``None`` elsewhere.
+
+  ``passed``: the levels came from ``levels=`` (already in memory), so they are
+  counted on packed 32-bit words. Levels computed in this step from the params
+  are not: XLA:CPU would recompute them from the params inside that count.
+  """
+  count = count_transitions_packed if passed else count_transitions
   counts, sizes = [], []
   for new, old in zip(levels, prev):
     if new is None or old is None:
       counts.append(None)
       sizes.append(None)
     else:
-      counts.append(count_transitions(new, old))
+      counts.append(count(new, old))
       sizes.append(new.size)
   return counts, sizes
 
@@ -435,7 +444,7 @@ def scale_by_talr(
     return jnp.asarray(value, _RATE_DTYPE)
 
   def init_fn(params: Any) -> ScaleByTALRState:
-    levels, treedef = _read_levels(levels_fn, params, {}, params)
+    levels, treedef, _ = _read_levels(levels_fn, params, {}, params)
     param_leaves = _match(treedef, params, "params")
     quantized = [lv is not None for lv in levels]
     if not any(quantized):
@@ -488,7 +497,7 @@ def scale_by_talr(
   def update_fn(updates, state, params=None, **extra_args):
     if not isinstance(state, ScaleByTALRState):
       raise ValueError(f"state must be a ScaleByTALRState, got {type(state).__name__}.")
-    levels, treedef = _read_levels(levels_fn, params, extra_args, updates)
+    levels, treedef, passed = _read_levels(levels_fn, params, extra_args, updates)
     prev = _match(treedef, state.prev_levels, "levels stored at init")
     prev = [None if p is None or _is_masked(p) else p for p in prev]
     for i, (new, old) in enumerate(zip(levels, prev)):
@@ -501,7 +510,7 @@ def scale_by_talr(
         )
     count = state.talr_count
     R = _scalar(target_fn(count))
-    counts, sizes = _measure(levels, prev)
+    counts, sizes = _measure(levels, prev, passed)
     k_leaves, k_global = _per_leaf_or_global(granularity, counts, sizes)
 
     if granularity == "global":
@@ -581,7 +590,7 @@ def track_transitions(
   _check_number("initial_rate", initial_rate, 0.0, 1.0, low_open=False, high_open=False)
 
   def init_fn(params: Any) -> TrackTransitionsState:
-    levels, treedef = _read_levels(levels_fn, params, {}, params)
+    levels, treedef, _ = _read_levels(levels_fn, params, {}, params)
     if all(lv is None for lv in levels):
       raise ValueError("levels_fn returned no quantized leaf (only None): nothing to track.")
     fill = lambda v: _rate_tree(  # a buffer per leaf, so the state can be donated
@@ -593,9 +602,9 @@ def track_transitions(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    levels, treedef = _read_levels(levels_fn, params, extra_args, updates)
+    levels, treedef, passed = _read_levels(levels_fn, params, extra_args, updates)
     prev = _match(treedef, state.prev_levels, "levels stored at init")
-    counts, sizes = _measure(levels, prev)
+    counts, sizes = _measure(levels, prev, passed)
     k_leaves, _ = _per_leaf_or_global("per_tensor", counts, sizes)
     K_prev = _rate_leaves(treedef, state.ema_transition_rate)
     K_new = [

@@ -389,3 +389,30 @@ def test_bad_levels_are_rejected():
                        fallback_learning_rate=0.1).init(params)
   with pytest.raises(ValueError, match="levels_fn must be callable"):
     talr.scale_by_talr(0.01, None, learning_rate=0.1)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "global"])
+def test_levels_extra_arg_and_levels_fn_give_identical_rates(granularity):
+  # (3, 3, 4, 8): last axis % 4 == 0 (packed count); (5, 7): not (fallback).
+  params, scales = _problem(seed=3, shapes=((3, 3, 4, 8), (5, 7), (16,)))
+  levels_fn = _levels_fn(scales)
+  tx = talr.scale_by_talr(0.05, levels_fn, learning_rate=0.3, momentum=0.9,
+                          granularity=granularity)
+  p_a = p_b = _tree(params)
+  s_a = s_b = tx.init(p_a)
+  step_fn = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  step_lv = jax.jit(lambda g, s, p, lv: tx.update(g, s, p, levels=lv))
+  rng = np.random.default_rng(7)
+  seen = 0.0
+  for _ in range(6):
+    g = _tree([rng.normal(size=np.shape(x)).astype(np.float32) for x in params])
+    u_a, s_a = step_fn(g, s_a, p_a)
+    u_b, s_b = step_lv(g, s_b, p_b, levels_fn(p_b))
+    chex.assert_trees_all_equal(u_a, u_b)
+    for field in ("transition_rate", "ema_transition_rate", "talr", "talr_scale",
+                  "prev_levels", "talr_count"):
+      chex.assert_trees_all_equal(getattr(s_a, field), getattr(s_b, field))
+    seen += float(np.min(np.asarray(jax.tree.leaves(s_a.transition_rate))))
+    p_a = optax.apply_updates(p_a, u_a)
+    p_b = optax.apply_updates(p_b, u_b)
+  assert seen > 0  # every tensor saw transitions: the counts were exercised
