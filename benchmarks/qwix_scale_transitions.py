@@ -23,6 +23,8 @@ once with Qwix's default rules (``absmax``) and once with
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -35,27 +37,15 @@ import qwix
 from talr_optax import data
 import talr_optax.qwix as tq
 
+# The model of examples/qwix_qat.py, so the measured share applies to it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from qwix_qat import MLP  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 BITS = 2
 QTYPE = "int2"
 QMIN, QMAX = -(2 ** (BITS - 1)), 2 ** (BITS - 1) - 1
 # First and last layer stay full precision, as in the paper.
 DEFAULT_QUANTIZED = "fc2|fc3"
-
-
-class MLP(nnx.Module):
-  """64 -> 256 -> 256 -> 256 -> 10 with ReLU."""
-
-  def __init__(self, *, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(64, 256, rngs=rngs)
-    self.fc2 = nnx.Linear(256, 256, rngs=rngs)
-    self.fc3 = nnx.Linear(256, 256, rngs=rngs)
-    self.head = nnx.Linear(256, 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
-    x = jax.nn.relu(self.fc2(x))
-    x = jax.nn.relu(self.fc3(x))
-    return self.head(x)
 
 
 def _loss(model, x, y):
