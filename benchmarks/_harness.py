@@ -212,6 +212,11 @@ def meta(argv: Sequence[str], **extra) -> dict[str, Any]:
       argv=list(argv), **extra)
 
 
+def results_path(name: str, quick: bool, out: str | None = None) -> str:
+  """``out``, or ``results/<name>.json`` (``<name>_quick.json`` for quick runs)."""
+  return out or os.path.join(RESULTS_DIR, f"{name}_quick.json" if quick else f"{name}.json")
+
+
 def write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   tmp = path + ".tmp"

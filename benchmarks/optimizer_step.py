@@ -179,8 +179,7 @@ def main(argv=None):
     if VARIANTS[v][2] not in variants:
       variants.insert(0, VARIANTS[v][2])
   repeats = args.repeats or (20 if args.quick else 25)
-  out = args.out or os.path.join(
-      H.RESULTS_DIR, "optimizer_step_quick.json" if args.quick else "optimizer_step.json")
+  out = H.results_path("optimizer_step", args.quick, args.out)
   print(f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} CPUs, load {H.loadavg()}")
   t0 = time.perf_counter()
   rows = run(sizes, variants, donate_modes, repeats, args.warmup, args.seed)

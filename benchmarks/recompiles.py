@@ -144,8 +144,7 @@ def main(argv=None):
       [[r["scenario"], r["size"] or "", r["recompiles_after_first_step"],
         r["retraces_after_first_step"], f"{r['steps_with_changed_rates']}/{r['steps'] - 1}"]
        for r in rows])
-  out = args.out or os.path.join(
-      H.RESULTS_DIR, "recompiles_quick.json" if args.quick else "recompiles.json")
+  out = H.results_path("recompiles", args.quick, args.out)
   H.write_json(out, dict(meta=H.meta(sys.argv[1:] if argv is None else argv,
                                      seconds=time.perf_counter() - t0), rows=rows))
   return rows

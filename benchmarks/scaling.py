@@ -122,8 +122,7 @@ def main(argv=None):
   ap.add_argument("--plot", default=None, metavar="PNG")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
-  src = args.input or os.path.join(
-      H.RESULTS_DIR, "optimizer_step_quick.json" if args.quick else "optimizer_step.json")
+  src = H.results_path("optimizer_step", args.quick, args.input)
   t0 = time.perf_counter()
   if args.run or not os.path.exists(src):
     import optimizer_step  # pylint: disable=import-outside-toplevel
@@ -134,7 +133,7 @@ def main(argv=None):
   print_tables(res)
   if args.plot:
     plot(res, args.plot)
-  out = args.out or os.path.join(H.RESULTS_DIR, "scaling_quick.json" if args.quick else "scaling.json")
+  out = H.results_path("scaling", args.quick, args.out)
   # Record the source relative to the repository, not as a machine path.
   source = os.path.relpath(src, os.path.dirname(os.path.dirname(H.RESULTS_DIR)))
   H.write_json(out, dict(meta=H.meta(sys.argv[1:] if argv is None else argv, source=source,

@@ -133,8 +133,7 @@ def main(argv=None):
         r["talr_bytes"], r["extra_bytes"], f"{r['extra_bytes_per_quantized_weight']:.6f}",
         f"{r['prev_levels_bytes_per_weight']:.3f}", f"{r['rate_scalar_bytes_per_tensor']:.1f}"]
        for r in rows])
-  out = args.out or os.path.join(
-      H.RESULTS_DIR, "state_bytes_quick.json" if args.quick else "state_bytes.json")
+  out = H.results_path("state_bytes", args.quick, args.out)
   H.write_json(out, dict(meta=H.meta(sys.argv[1:] if argv is None else argv,
                                      seconds=time.perf_counter() - t0), rows=rows))
   return rows

@@ -207,8 +207,7 @@ def main(argv=None):
     if BASELINE[v] not in variants:
       variants.insert(0, BASELINE[v])
   repeats = args.repeats or (10 if args.quick else 25)
-  out = args.out or os.path.join(
-      H.RESULTS_DIR, "train_step_quick.json" if args.quick else "train_step.json")
+  out = H.results_path("train_step", args.quick, args.out)
   print(f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} CPUs, load {H.loadavg()}")
   t0 = time.perf_counter()
   rows, recompiles = [], 0

@@ -321,6 +321,21 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
+def raise_if_step_count(params: Any) -> None:
+  """Raises a hint when a ``levels_fn`` receives a step count instead of params.
+
+  ``optax.inject_hyperparams`` treats every callable argument as a schedule
+  and calls it with the step count unless it is named in ``static_args``.
+  """
+  if getattr(params, "shape", None) == () and jnp.issubdtype(
+      getattr(params, "dtype", np.float32), jnp.integer):
+    raise ValueError(
+        "levels_fn was called with a step count instead of params: under"
+        " optax.inject_hyperparams pass static_args=('levels_fn',), since"
+        " it treats every callable argument as a schedule."
+    )
+
+
 def levels_fn_from_scales(
     scales: Any, bits: Any
 ) -> Callable[[Any], Any]:
@@ -367,13 +382,7 @@ def levels_fn_from_scales(
     try:
       param_leaves = treedef.flatten_up_to(params)
     except (ValueError, TypeError) as e:
-      if getattr(params, "shape", None) == () and jnp.issubdtype(
-          getattr(params, "dtype", np.float32), jnp.integer):
-        raise ValueError(
-            "levels_fn was called with a step count instead of params: under"
-            " optax.inject_hyperparams pass static_args=('levels_fn',), since"
-            " it treats every callable argument as a schedule."
-        ) from None
+      raise_if_step_count(params)
       raise ValueError(
           f"params do not have the structure of the scales given to "
           f"levels_fn_from_scales: {e}"

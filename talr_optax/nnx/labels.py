@@ -193,13 +193,7 @@ def _check_module(model: tp.Any, owner: str) -> None:
 
 def _raise_foreign_params(params: tp.Any, kernels: dict[Path, tp.Any]) -> tp.NoReturn:
   """``params`` hold none of the model's quantized kernel paths: say what was expected."""
-  if getattr(params, "shape", None) == () and jnp.issubdtype(
-      getattr(params, "dtype", jnp.float32), jnp.integer):
-    raise ValueError(
-        "levels_fn was called with a step count instead of params: under"
-        " optax.inject_hyperparams pass static_args=('levels_fn',), since"
-        " it treats every callable argument as a schedule."
-    )
+  quantizers.raise_if_step_count(params)
   expected = ", ".join(f"'{_name(p)}'" for p in list(kernels)[:3])
   got: list[str] = []
   _map_with_path(lambda path, x: got.append(_name(path) or "<the root>"), params)
