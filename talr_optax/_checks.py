@@ -1,0 +1,120 @@
+"""Argument checks shared by every module (private).
+
+Checks run where arguments enter the library (factories, ``init``,
+constructors, the command line), never on the hot path of a step, and they
+only read values that are concrete Python or NumPy numbers: a traced value
+(e.g. a hyperparameter re-injected by ``optax.inject_hyperparams``) passes
+unchecked, so eager and jitted calls behave the same.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _prefix(owner: Optional[str]) -> str:
+  return f"{owner}: " if owner else ""
+
+
+def _is_bool(value: Any) -> bool:
+  return isinstance(value, (bool, np.bool_))
+
+
+def concrete_float(value: Any) -> Optional[float]:
+  """``value`` as a float if it is a concrete real scalar, else ``None``."""
+  if isinstance(value, jax.core.Tracer) or _is_bool(value):
+    return None
+  try:
+    array = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  # jnp.issubdtype knows bfloat16, which NumPy calls non-numeric.
+  if array.shape != () or not jnp.issubdtype(array.dtype, jnp.number):
+    return None
+  if jnp.issubdtype(array.dtype, jnp.complexfloating):
+    return None
+  return float(array)
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+  return ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
+
+
+def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
+                 *, low_open: bool = False, high_open: bool = False,
+                 owner: Optional[str] = None) -> None:
+  """Raises a ``ValueError`` unless ``value`` is a finite real number in range.
+
+  A traced scalar passes: its value is unknown until the step runs.
+  """
+  if isinstance(value, jax.core.Tracer):
+    if getattr(value, "shape", None) == ():
+      return
+    raise ValueError(f"{_prefix(owner)}{name} must be a scalar, got shape {value.shape}.")
+  x = concrete_float(value)
+  if x is None:
+    raise ValueError(
+        f"{_prefix(owner)}{name} must be a real number, got {name} = {value!r}.")
+  ok = (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+  if not (ok and math.isfinite(x)):
+    raise ValueError(
+        f"{_prefix(owner)}{name} must be in {_interval(low, high, low_open, high_open)},"
+        f" got {name} = {x!r}.")
+
+
+def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None,
+              *, owner: Optional[str] = None) -> int:
+  """``value`` as an ``int`` if it is an integer (not a bool) in ``[low, high]``."""
+  ok = isinstance(value, numbers.Integral) and not _is_bool(value)
+  if ok:
+    ok = value >= low and (high is None or value <= high)
+  if not ok:
+    bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    raise ValueError(
+        f"{_prefix(owner)}{name} must be an integer {bound}, got {name} = {value!r}.")
+  return int(value)
+
+
+def check_bool(name: str, value: Any, *, owner: Optional[str] = None) -> bool:
+  """``value`` as a ``bool`` if it is one (Python or NumPy)."""
+  if not _is_bool(value):
+    raise ValueError(
+        f"{_prefix(owner)}{name} must be True or False, got {name} = {value!r}.")
+  return bool(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any],
+                 *, owner: Optional[str] = None) -> Any:
+  """``value`` if it is one of ``choices``."""
+  if not any(value == c and type(value) is type(c) for c in choices):
+    raise ValueError(
+        f"{_prefix(owner)}{name} must be one of {tuple(choices)}, got {name} = {value!r}.")
+  return value
+
+
+def check_callable(name: str, value: Any, what: str, *, owner: Optional[str] = None
+                   ) -> Callable[..., Any]:
+  """``value`` if it is callable; ``what`` says which signature is expected."""
+  if not callable(value):
+    raise ValueError(
+        f"{_prefix(owner)}{name} must be {what}, got {name} of type"
+        f" {type(value).__name__}.")
+  return value
+
+
+def check_scalar_or_schedule(name: str, value: Any, *, low_open: bool = True,
+                             owner: Optional[str] = None) -> None:
+  """A schedule (any callable) or a number in ``(0, inf)`` (``[0, inf)``)."""
+  if not callable(value):
+    check_number(name, value, 0.0, math.inf, low_open=low_open, high_open=True, owner=owner)
+
+
+def check_bits(name: str, value: Any, *, owner: Optional[str] = None) -> int:
+  """A bit width of the paper's quantizers: an integer in ``[1, 8]``."""
+  return check_int(name, value, 1, 8, owner=owner)
