@@ -21,6 +21,7 @@ from talr_optax.quantizers import (
 )
 from talr_optax.schedules import cosine_target, initial_target
 from talr_optax.transform import (
+    RateNames,
     ScaleByTALRState,
     TrackTransitionsState,
     scale_by_talr,
@@ -30,6 +31,7 @@ from talr_optax.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "RateNames",
     "ScaleByTALRState",
     "TrackTransitionsState",
     "activation_levels",
