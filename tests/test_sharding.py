@@ -159,6 +159,7 @@ def test_sharded_training_example():
   out = _run(str(ROOT / "examples" / "sharded_training.py"), "--steps", "60")
   assert "devices: 8" in out
   assert "(same: True)" in out  # levels sharded like the kernel
+  assert "rates ('fc2/kernel',): shape (1,), replicated: True" in out
   line = next(l for l in out.splitlines() if l.startswith("loss:"))
   first = float(line.split("first")[1].split(",")[0])
   last = float(line.split("last")[1].split(";")[0])
