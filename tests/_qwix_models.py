@@ -1,5 +1,6 @@
 """Models and helpers shared by the ``talr_optax.qwix`` tests (imported after qwix)."""
 
+import functools
 import inspect
 
 import jax
@@ -135,7 +136,7 @@ def sgd_steps(model, steps=3, lr=0.5, optimizer=None):
   return optimizer
 
 
-def qwix_levels(w, qtype, *, jit, **kwargs):
+def qwix_levels(w, qtype, *, jit, channelwise_axes=(), tiled_axes=None, **kwargs):
   """Qwix's own integers for ``w`` (int8): ``qwix.quantize``, op by op as in an
   eager forward pass, or compiled as in a jitted training step.
 
@@ -143,8 +144,19 @@ def qwix_levels(w, qtype, *, jit, **kwargs):
   extreme of each channel sits on one), so levels are compared with the
   compiled ones and the eager forward pass with the op-by-op ones.
   """
-  fn = lambda w: qwix.quantize(w, qtype, **kwargs).qvalue.astype(jnp.int8)
-  return (jax.jit(fn) if jit else fn)(w)
+  how = (qtype, tuple(channelwise_axes), tuple(sorted((tiled_axes or {}).items())),
+         tuple(sorted(kwargs.items())))
+  return _quantize_fn(how, jit)(w)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_fn(how, jit):
+  # One function per configuration, so that jit compiles it once per shape.
+  qtype, channelwise_axes, tiled_axes, kwargs = how
+  fn = lambda w: qwix.quantize(w, qtype, channelwise_axes=channelwise_axes,
+                               tiled_axes=dict(tiled_axes), **dict(kwargs)
+                               ).qvalue.astype(jnp.int8)
+  return jax.jit(fn) if jit else fn
 
 
 def perturb(model, seed=1):
