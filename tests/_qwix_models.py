@@ -1,7 +1,6 @@
 """Models and helpers shared by the ``talr_optax.qwix`` tests (imported after qwix)."""
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,6 @@ import qwix
 from flax import linen as nn
 from flax import nnx
 
-import talr_optax
 from talr_optax.qwix import _internals
 
 X = jax.random.normal(jax.random.key(0), (8, 16))
@@ -19,10 +17,6 @@ Y = jnp.arange(8) % 10
 IMAGES = jax.random.normal(jax.random.key(1), (4, 6, 6, 2))
 LAYERS = 3
 
-# The core's rewrite: layer_axes (one rate per layer of a stacked weight), TALR
-# last in the chain, and k_n counts the transitions of update n itself (no
-# one-step lag).
-NEW_CORE = "layer_axes" in inspect.signature(talr_optax.scale_by_talr).parameters
 
 
 class MLP(nnx.Module):

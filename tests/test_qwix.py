@@ -22,7 +22,7 @@ import talr_optax  # noqa: E402
 import talr_optax.qwix as tq  # noqa: E402
 from talr_optax.qwix import _internals  # noqa: E402
 from _qwix_models import (  # noqa: E402
-    CNN, IMAGES, NEW_CORE, X, Y, LinenMLP, Stacked, forward_levels, mlp, params, qt, qwix_levels, sgd_steps)
+    CNN, IMAGES, X, Y, LinenMLP, Stacked, forward_levels, mlp, params, qt, qwix_levels, sgd_steps)
 
 
 # --------------------------------------------------------------------------
@@ -204,10 +204,8 @@ def test_sgdt_under_nnx_jit_counts_transitions():
   m = talr_optax.metrics(nnx.as_pure(optimizer.opt_state))
   assert set(m) == {f"{f}/fc2/kernel" for f in
                     ("talr", "transition_rate", "ema_transition_rate", "target_transition_rate")}
-  # The new core counts the transitions of the update itself; the old one
-  # counted them one update late.
-  assert float(m["transition_rate/fc2/kernel"]) == pytest.approx(
-      rates[-1] if NEW_CORE else rates[-2])
+  # k of the last update: the transitions that update itself caused.
+  assert float(m["transition_rate/fc2/kernel"]) == pytest.approx(rates[-1])
   assert sum(rates) > 0
 
 

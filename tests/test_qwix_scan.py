@@ -15,7 +15,7 @@ import talr_optax  # noqa: E402
 import talr_optax.qwix as tq  # noqa: E402
 from talr_optax.qwix import _internals  # noqa: E402
 from _qwix_models import (  # noqa: E402
-    LAYERS, NEW_CORE, X, Y, Stacked, forward_levels, params, perturb, qt, qwix_levels)
+    LAYERS, X, Y, Stacked, forward_levels, params, perturb, qt, qwix_levels)
 
 STACKED = ("blocks/q/kernel", "blocks/k/kernel", "blocks/mlp/kernel")
 
@@ -147,7 +147,6 @@ def test_scan_that_cannot_be_unrolled_raises():
     tq.levels_fn_from_qwix(qt_model, X)
 
 
-@pytest.mark.skipif(not NEW_CORE, reason="needs the core's layer_axes")
 def test_sgdt_gives_each_layer_its_own_rate():
   qt_model = qt(_stacked(), [qwix.QtRule(module_path="blocks/(q|mlp)", weight_qtype="int2")], X)
   levels_fn = tq.levels_fn_from_qwix(qt_model, X)
