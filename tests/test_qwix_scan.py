@@ -15,7 +15,7 @@ import talr_optax  # noqa: E402
 import talr_optax.qwix as tq  # noqa: E402
 from talr_optax.qwix import _internals  # noqa: E402
 from _qwix_models import (  # noqa: E402
-    LAYERS, X, Y, Stacked, forward_levels, params, perturb, qt, qwix_levels)
+    LAYERS, X, Y, Block, Stacked, forward_levels, params, perturb, qt, qwix_levels)
 
 STACKED = ("blocks/q/kernel", "blocks/k/kernel", "blocks/mlp/kernel")
 
@@ -95,6 +95,30 @@ def test_layers_on_another_axis():
     np.testing.assert_array_equal(
         levels[:, layer], qwix_levels(w[:, layer], "int2", channelwise_axes=[1], jit=True))
   assert levels_fn.layer_axes(params(qt_model))["blocks"]["q"]["kernel"] == 1
+
+
+class Repeated(nnx.Module):
+  """One block applied ``LAYERS`` times by nnx.scan (its state broadcast)."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.block = Block(rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, None), out_axes=nnx.Carry, length=LAYERS)
+    def body(x, block):
+      return block(x)
+
+    return body(x, self.block)
+
+
+def test_layer_repeated_by_scan_is_not_stacked():
+  qt_model = qt(Repeated(rngs=nnx.Rngs(0)), [qwix.QtRule(module_path="block/q", weight_qtype="int2")], X)
+  levels_fn = tq.levels_fn_from_qwix(qt_model, X)
+  assert {p: w.layer_axis for p, w in levels_fn.weights.items()} == {"block/q/kernel": None}
+  state = params(qt_model)
+  np.testing.assert_array_equal(
+      levels_fn(state)["block"]["q"]["kernel"],
+      qwix_levels(state["block"]["q"]["kernel"], "int2", channelwise_axes=[1], jit=True))
 
 
 class LinenBlock(nn.Module):

@@ -94,9 +94,12 @@ def _unrolled_scan(scan: Callable[..., Any], owner: int, indices: list[int]
                    ) -> Callable[..., Any]:
   """``jax.lax.scan`` as a Python loop over concrete slices, for thread ``owner``.
 
-  Scans over traced arrays (inside a ``jax.jit`` in the model), of length 0,
-  or in other threads run the real ``scan``. ``indices`` receives the current
-  iteration of every enclosing unrolled scan.
+  Scans of length 0, in other threads, or whose carry and inputs are all
+  traced (a scan inside a ``jax.jit`` in the model) run the real ``scan``.
+  Weights reach the body either sliced from ``xs`` (stacked layers) or
+  through the carry (``nnx.scan`` passes broadcast state, e.g. one layer
+  applied several times, there). ``indices`` receives the current iteration
+  of every enclosing unrolled scan.
   """
 
   def unrolled(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
@@ -106,8 +109,7 @@ def _unrolled_scan(scan: Callable[..., Any], owner: int, indices: list[int]
     if (
         threading.get_ident() != owner
         or not length
-        or not leaves
-        or all(isinstance(x, jax.core.Tracer) for x in leaves)
+        or all(isinstance(x, jax.core.Tracer) for x in leaves + jax.tree.leaves(init))
     ):
       return scan(f, init, xs, length, reverse, unroll, **kwargs)
     carry, ys = init, []
