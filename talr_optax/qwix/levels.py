@@ -513,7 +513,12 @@ def levels_fn_from_qwix(
     ``init``) or plain arrays (at ``update``); for Linen, the params
     collection. It returns a pytree with the same containers: int8 levels for
     every quantized weight and None for every other leaf (also for
-    ``optax.MaskedNode`` leaves). Jit-safe; no host read-backs.
+    ``optax.MaskedNode`` leaves). Jit-safe; no host read-backs. The levels
+    are always computed by compiled code, so eager and jitted calls agree.
+    (A weight exactly on a rounding tie, as Qwix's ``absmax`` calibration
+    puts the negative extreme of each channel, may round one level apart in
+    compiled and op-by-op code; ``qwix.quantize`` itself differs there
+    between eager and jitted calls in the same way.)
 
   Raises:
     See :func:`quantized_weights`.
