@@ -122,13 +122,24 @@ def start_jax(args: argparse.Namespace) -> None:
                                process_id=args.process_id, initialization_timeout=120)
 
 
-def init_params(key: jax.Array) -> dict[str, jax.Array]:
-  """He-normal kernels and zero biases (called under jit: each device makes its shard)."""
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  he = lambda k, shape: jax.random.normal(k, shape) * jnp.sqrt(2.0 / shape[0])
-  return {"w1": he(k1, (IN, HIDDEN)), "w2": he(k2, (HIDDEN, HIDDEN)), "b2": jnp.zeros(HIDDEN),
-          "w3": he(k3, (HIDDEN, HIDDEN)), "b3": jnp.zeros(HIDDEN),
-          "w4": he(k4, (HIDDEN, CLASSES))}
+def init_params() -> dict[str, np.ndarray]:
+  """He-normal kernels and zero biases, the same numbers on every process."""
+  rng = np.random.default_rng(0)
+  he = lambda shape: (rng.normal(size=shape) * np.sqrt(2.0 / shape[0])).astype(np.float32)
+  return {"w1": he((IN, HIDDEN)), "w2": he((HIDDEN, HIDDEN)),
+          "b2": np.zeros(HIDDEN, np.float32), "w3": he((HIDDEN, HIDDEN)),
+          "b3": np.zeros(HIDDEN, np.float32), "w4": he((HIDDEN, CLASSES))}
+
+
+def place(tree: dict[str, np.ndarray], shardings: dict[str, NamedSharding]
+          ) -> dict[str, jax.Array]:
+  """Global arrays from host values: each process puts only its own shards on its devices.
+
+  (Models too large for one host's memory are created under ``jax.jit`` with
+  ``out_shardings``, or read shard by shard from a checkpoint.)
+  """
+  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+          for k, v in tree.items()}
 
 
 def forward(params: dict[str, jax.Array], scales: dict[str, Any], x: jax.Array) -> jax.Array:
@@ -215,10 +226,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                        axis_types=(AxisType.Auto,) * 2)
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
   batch_sharding = NamedSharding(mesh, P("data"))
-  params = jax.jit(init_params, out_shardings=shardings)(jax.random.key(0))
-  # Frozen step sizes s = 3 std(w): replicated scalars, the same on every process.
-  scales = {k: float(host(talr.initial_weight_scale(params[k]))) if k in QUANTIZED else None
-            for k in params}
+  host_params = init_params()
+  params = place(host_params, shardings)
+  # Frozen weight step sizes s = 3 std(w), from the host copy: the same on every process.
+  scales = {k: float(talr.initial_weight_scale(v)) if k in QUANTIZED else None
+            for k, v in host_params.items()}
   levels_fn = talr.levels_fn_from_scales(scales, bits=BITS)
   tx = talr.sgdt(optax.cosine_decay_schedule(args.lr, args.steps),
                  talr.cosine_target(talr.initial_target(BITS), args.steps), levels_fn,

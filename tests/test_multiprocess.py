@@ -8,10 +8,14 @@ Orbax checkpoint together, restore it and resume from it. A single process
 with 4 devices runs the same script. Every run goes through
 ``tests/_multiprocess_run.py``, which writes the metrics and train states.
 
-The two runs must agree exactly: the mesh has the same shape, so each device
-computes the same partitioned program, and every float cross-device sum in it
-has two operands (the ``data`` or the ``model`` axis), whose sum is the same in
-either order; the transition counts are integer sums. Hence no tolerance.
+The two runs must agree bit for bit, with no tolerance: the mesh has the same
+shape, so each device runs the same partitioned program, and in it XLA sums
+floats across devices over one mesh axis at a time (seen in the compiled
+step), i.e. over two devices, and a + b = b + a exactly whichever library
+(gloo between processes, XLA's own within one) does the sum. The transition
+counts are integer sums, exact at any size. (With 3 or more devices on a
+reduced axis the order of a float sum could differ between the libraries and
+the params by rounding; the counts would still agree.)
 """
 
 from __future__ import annotations
