@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HELPER = ROOT / "tests" / "_multiprocess_run.py"
+RUNNER = ROOT / "tests" / "_multiprocess_run.py"
 STEPS, SAVE_AT = 30, 12
 TIMEOUT = 300  # seconds for one launch (both processes); a run takes ~10 s here
 
@@ -54,9 +54,9 @@ def _run(out: Path, processes: int, local_devices: int) -> tuple[list[dict], lis
           "--save-at", str(SAVE_AT), "--ckpt-dir", str(out / "ckpt")]
   for attempt in range(2):
     if processes == 1:
-      commands = [[sys.executable, str(HELPER), *args]]
+      commands = [[sys.executable, str(RUNNER), *args]]
     else:
-      commands = example.process_commands(str(HELPER), processes, args)
+      commands = example.process_commands(str(RUNNER), processes, args)
     try:
       stdout = example.launch(commands, timeout=TIMEOUT, cwd=ROOT, env=_env())
       break
