@@ -1,0 +1,129 @@
+"""Helpers shared by the ``talr_optax.nnx`` tests: NumPy references and a tiny net.
+
+References are computed by hand with NumPy (3 * std, round(clip(...))), not
+with the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from talr_optax import nnx as tnnx
+
+
+def np_value(x) -> np.ndarray:
+  """A Variable's value or an array, as NumPy."""
+  return np.asarray(x[...] if isinstance(x, nnx.Variable) else x)
+
+
+def np_levels(w: np.ndarray, s, bits: int) -> np.ndarray:
+  """round(clip(gamma * w / s, alpha, beta)), or 1[w > 0] for one bit."""
+  if bits == 1:
+    return (w > 0).astype(np.int8)
+  half = 2 ** (bits - 1)
+  return np.round(np.clip(half * w / s, -half, half - 1)).astype(np.int8)
+
+
+def np_weight_scale(w: np.ndarray) -> float:
+  return 3.0 * float(np.std(np.asarray(w, np.float64)))
+
+
+def np_act_scale(x: np.ndarray) -> float:
+  return 3.0 * float(np.std(np.asarray(x, np.float64))) / math.sqrt(1.0 - 2.0 / math.pi)
+
+
+def np_act_quant(x: np.ndarray, s: float, bits: int) -> np.ndarray:
+  """Unsigned activation value a_d / gamma: round(clip(2^b x / s, 0, 2^b - 1)) / 2^b."""
+  gamma = 2 ** bits
+  return np.round(np.clip(gamma * np.asarray(x) / s, 0, gamma - 1)) / gamma
+
+
+def normal(seed: int, shape: tuple[int, ...], std: float = 1.0) -> jnp.ndarray:
+  # NumPy draws: no PRNG compilation per shape.
+  return jnp.asarray(np.random.default_rng(seed).normal(0.0, std, shape), jnp.float32)
+
+
+def relu_batch(seed: int, shape: tuple[int, ...]) -> jnp.ndarray:
+  return jnp.maximum(normal(seed, shape), 0.0)
+
+
+ZEROS = nnx.initializers.zeros
+
+
+def set_kernel(layer, seed: int = 0, std: float = 0.5):
+  """Overwrites ``layer.kernel`` with NumPy draws (no per-shape PRNG compilation)."""
+  layer.kernel[...] = normal(seed, layer.kernel[...].shape, std)
+  return layer
+
+
+def quant_linear(in_features, out_features, weight_bits, act_bits, seed=0, **kwargs):
+  kwargs.setdefault("multiply_scale", False)
+  layer = tnnx.QuantLinear(in_features, out_features, weight_bits=weight_bits,
+                           act_bits=act_bits, kernel_init=ZEROS,
+                           rngs=nnx.Rngs(0), **kwargs)
+  return set_kernel(layer, seed)
+
+
+class TinyNet(nnx.Module):
+  """FP conv - BN - ReLU - W2A2 conv - BN - ReLU - pool - W3A4 linear.
+
+  Kernels are NumPy draws from ``seed`` (no per-shape PRNG compilation).
+  """
+
+  def __init__(self, seed: int):
+    rngs = nnx.Rngs(0)
+    self.conv1 = nnx.Conv(1, 3, (3, 3), use_bias=False, kernel_init=ZEROS, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(3, rngs=rngs)
+    self.conv2 = tnnx.QuantConv(3, 4, (3, 3), use_bias=False, weight_bits=2, act_bits=2,
+                                multiply_scale=False, kernel_init=ZEROS, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(4, rngs=rngs)
+    self.head = tnnx.QuantLinear(4, 2, weight_bits=3, act_bits=4, multiply_scale=True,
+                                 kernel_init=ZEROS, rngs=rngs)
+    for i, layer in enumerate((self.conv1, self.conv2, self.head)):
+      set_kernel(layer, seed=10 * seed + i)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+X = normal(7, (4, 5, 5, 1))
+Y = jnp.array([0, 1, 1, 0])
+
+
+def tiny_loss(model):
+  return optax.softmax_cross_entropy_with_integer_labels(model(X), Y).mean()
+
+
+# Compiled once for all TinyNets; eager op-by-op steps cost more to compile.
+tiny_grads = nnx.jit(nnx.grad(tiny_loss))
+
+
+def build(cls, seed: int = 0, **kwargs):
+  """``cls(**kwargs, rngs=...)`` with NumPy-drawn He-normal kernels.
+
+  The model is traced abstractly and then filled, so no initializer is
+  compiled (per-shape PRNG compilation dominates building a model on CPU).
+  Batch-norm scales and variances are 1, biases and means 0, quantizer
+  placeholders as the layers set them.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), **kwargs)))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, var):
+    shape, dtype = var.shape, var.dtype
+    if path[-1] == "kernel":
+      std = math.sqrt(2.0 / math.prod(shape[:-1]))
+      return jnp.asarray(rng.normal(0.0, std, shape), dtype)
+    if path[-1] in ("scale", "var", "weight_scale", "act_scale"):
+      return jnp.ones(shape, dtype)
+    return jnp.zeros(shape, dtype)
+
+  flat = [(path, var.replace(fill(path, var))) for path, var in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
