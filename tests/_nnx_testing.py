@@ -49,10 +49,31 @@ def normal(seed: int, shape: tuple[int, ...], std: float = 1.0) -> jnp.ndarray:
 
 
 def relu_batch(seed: int, shape: tuple[int, ...]) -> jnp.ndarray:
-  return jnp.maximum(normal(seed, shape), 0.0)
+  return jnp.asarray(np.maximum(np.random.default_rng(seed).normal(size=shape), 0.0),
+                     jnp.float32)
 
 
-ZEROS = nnx.initializers.zeros
+def abs_normal(seed: int, shape: tuple[int, ...]) -> jnp.ndarray:
+  return jnp.asarray(np.abs(np.random.default_rng(seed).normal(size=shape)), jnp.float32)
+
+
+# Initializers that draw with NumPy: an eager jax.random draw or fill compiles
+# a program per shape, which dominates these tests on CPU.
+def np_init(seed: int = 0, std: float = 0.5):
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.asarray(np.random.default_rng(seed).normal(0.0, std, shape), dtype)
+  return init
+
+
+def ZEROS(key, shape, dtype=jnp.float32):  # pylint: disable=invalid-name
+  del key
+  return jnp.asarray(np.zeros(shape), dtype)
+
+
+def ONES(key, shape, dtype=jnp.float32):  # pylint: disable=invalid-name
+  del key
+  return jnp.asarray(np.ones(shape), dtype)
 
 
 def set_kernel(layer, seed: int = 0, std: float = 0.5):
@@ -62,11 +83,10 @@ def set_kernel(layer, seed: int = 0, std: float = 0.5):
 
 
 def quant_linear(in_features, out_features, weight_bits, act_bits, seed=0, **kwargs):
-  kwargs.setdefault("multiply_scale", False)
-  layer = tnnx.QuantLinear(in_features, out_features, weight_bits=weight_bits,
-                           act_bits=act_bits, kernel_init=ZEROS,
-                           rngs=nnx.Rngs(0), **kwargs)
-  return set_kernel(layer, seed)
+  kwargs = {"multiply_scale": False, "bias_init": ZEROS, **kwargs}
+  return tnnx.QuantLinear(in_features, out_features, weight_bits=weight_bits,
+                          act_bits=act_bits, kernel_init=np_init(seed),
+                          rngs=nnx.Rngs(0), **kwargs)
 
 
 class TinyNet(nnx.Module):
@@ -77,13 +97,14 @@ class TinyNet(nnx.Module):
 
   def __init__(self, seed: int):
     rngs = nnx.Rngs(0)
+    bn = dict(scale_init=ONES, bias_init=ZEROS, rngs=rngs)
     self.conv1 = nnx.Conv(1, 3, (3, 3), use_bias=False, kernel_init=ZEROS, rngs=rngs)
-    self.bn1 = nnx.BatchNorm(3, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(3, **bn)
     self.conv2 = tnnx.QuantConv(3, 4, (3, 3), use_bias=False, weight_bits=2, act_bits=2,
                                 multiply_scale=False, kernel_init=ZEROS, rngs=rngs)
-    self.bn2 = nnx.BatchNorm(4, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(4, **bn)
     self.head = tnnx.QuantLinear(4, 2, weight_bits=3, act_bits=4, multiply_scale=True,
-                                 kernel_init=ZEROS, rngs=rngs)
+                                 kernel_init=ZEROS, bias_init=ZEROS, rngs=rngs)
     for i, layer in enumerate((self.conv1, self.conv2, self.head)):
       set_kernel(layer, seed=10 * seed + i)
 
@@ -117,13 +138,14 @@ def build(cls, seed: int = 0, **kwargs):
   rng = np.random.default_rng(seed)
 
   def fill(path, var):
-    shape, dtype = var.shape, var.dtype
+    shape = var.shape
     if path[-1] == "kernel":
-      std = math.sqrt(2.0 / math.prod(shape[:-1]))
-      return jnp.asarray(rng.normal(0.0, std, shape), dtype)
-    if path[-1] in ("scale", "var", "weight_scale", "act_scale"):
-      return jnp.ones(shape, dtype)
-    return jnp.zeros(shape, dtype)
+      value = rng.normal(0.0, math.sqrt(2.0 / math.prod(shape[:-1])), shape)
+    elif path[-1] in ("scale", "var", "weight_scale", "act_scale"):
+      value = np.ones(shape)
+    else:
+      value = np.zeros(shape)
+    return jnp.asarray(value, var.dtype)
 
   flat = [(path, var.replace(fill(path, var))) for path, var in nnx.to_flat_state(state)]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

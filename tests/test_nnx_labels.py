@@ -185,7 +185,7 @@ class Block(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs):
     self.mlp = tnnx.QuantLinear(D, D, weight_bits=2, act_bits=4, multiply_scale=True,
-                                kernel_init=T.ZEROS, rngs=rngs)
+                                kernel_init=T.ZEROS, bias_init=T.ZEROS, rngs=rngs)
 
   def __call__(self, x):
     return nnx.relu(self.mlp(x))

@@ -31,27 +31,24 @@ CONV_CASES = {
     "1-D int kernel": (3, 4, (2, 9, 3), dict(kernel_size=3, strides=2, padding="CAUSAL")),
     "two batch axes": (3, 4, (2, 3, 5, 5, 3), dict(kernel_size=(3, 3))),
     "mask": (2, 3, (2, 5, 5, 2), dict(kernel_size=(3, 3), use_bias=False,
-                                      mask=jnp.tril(jnp.ones((3, 3, 2, 3))))),
+                                      mask=jnp.asarray(np.tril(np.ones((3, 3, 2, 3))), jnp.float32))),
 }
 
 
 # One compiled program per layer structure instead of one compilation per op.
 _apply = nnx.jit(lambda layer, x: layer(x))
+# Gradients of sum(layer(x)) with respect to the layer's params and to x.
+_grads = nnx.jit(nnx.grad(lambda layer, x: jnp.sum(layer(x)), argnums=(0, 1)))
 
 
 def _conv_pair(case, weight_bits, act_bits):
   """A QuantConv and an nnx.Conv built with the same arguments and weights."""
   in_features, out_features, shape, kwargs = CONV_CASES[case]
-  # Zeros, then NumPy draws: no per-shape PRNG compilation.
-  kwargs = dict(kwargs, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+  kwargs = dict(kwargs, kernel_init=T.np_init(0), bias_init=T.np_init(1), rngs=nnx.Rngs(0))
   quant = tnnx.QuantConv(in_features, out_features, weight_bits=weight_bits, act_bits=act_bits,
                          multiply_scale=False, **kwargs)
   flax = nnx.Conv(in_features, out_features, **kwargs)
-  for layer in (quant, flax):
-    T.set_kernel(layer, seed=0)
-    if layer.bias is not None:
-      layer.bias[...] = T.normal(1, layer.bias.shape)
-  return quant, flax, jnp.abs(T.normal(2, shape))
+  return quant, flax, T.abs_normal(2, shape)
 
 
 @pytest.mark.parametrize("case", tuple(CONV_CASES))
@@ -78,7 +75,7 @@ def test_quantized_conv_is_flax_conv_on_quantized_input_and_kernel(case):
 
 @pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)], ids=["no batch", "1", "2"])
 def test_full_precision_linear_is_flax_linear(shape):
-  kwargs = dict(use_bias=True, bias_init=nnx.initializers.normal(1.0),
+  kwargs = dict(use_bias=True, kernel_init=T.np_init(0), bias_init=T.np_init(1),
                 precision=jax.lax.Precision.HIGHEST)
   quant = tnnx.QuantLinear(5, 4, weight_bits=None, act_bits=None, rngs=nnx.Rngs(0), **kwargs)
   flax = nnx.Linear(5, 4, rngs=nnx.Rngs(0), **kwargs)
@@ -90,8 +87,8 @@ def test_full_precision_linear_is_flax_linear(shape):
 def test_quantized_linear_multiply_scale_over_batch_axes():
   layer = T.quant_linear(5, 3, weight_bits=3, act_bits=4, multiply_scale=True, use_bias=True)
   layer.bias[...] = jnp.asarray([0.5, -1.0, 2.0])
-  x = jnp.abs(T.normal(3, (2, 4, 5)))
-  y = layer(x)
+  x = T.abs_normal(3, (2, 4, 5))
+  y = _apply(layer, x)
   w = T.np_value(layer.kernel)
   s_w, s_a = T.np_weight_scale(w), T.np_act_scale(x)
   # Multiplied back by the step sizes: x_q ~ x and w_q ~ w.
@@ -103,7 +100,7 @@ def test_quantized_linear_multiply_scale_over_batch_axes():
 
 def test_full_precision_layer_has_no_quantizer_state():
   layer = tnnx.QuantConv(2, 3, (3, 3), weight_bits=None, act_bits=None,
-                         kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+                         kernel_init=T.ZEROS, bias_init=T.ZEROS, rngs=nnx.Rngs(0))
   assert set(nnx.state(layer).keys()) == {"kernel", "bias"}
   assert not layer.is_quantized and tnnx.quantized_layers(layer) == []
 
@@ -113,7 +110,7 @@ def test_first_training_forward_freezes_weight_scale_and_levels():
   w0 = T.np_value(layer.kernel)
   # Placeholder until calibrated: a usable step size, so a forward stays finite.
   assert not bool(layer.calibrated[...]) and float(layer.weight_scale[...]) == 1.0
-  layer(jnp.ones((1, 6)))
+  _apply(layer, np.ones((1, 6), np.float32))
   s = T.np_weight_scale(w0)
   assert bool(layer.calibrated[...])
   np.testing.assert_allclose(float(layer.weight_scale[...]), s, rtol=1e-6)
@@ -121,7 +118,7 @@ def test_first_training_forward_freezes_weight_scale_and_levels():
   # Frozen: moving the kernel neither moves the scale nor is it recomputed.
   layer.kernel[...] = layer.kernel[...] * 3.0 + 0.1
   x = jnp.arange(6.0)[None]
-  y = layer(x)
+  y = _apply(layer, x)
   np.testing.assert_allclose(float(layer.weight_scale[...]), s, rtol=1e-6)
   levels = T.np_levels(T.np_value(layer.kernel), s, 2)
   np.testing.assert_array_equal(layer.levels(), levels)
@@ -133,23 +130,23 @@ def test_eval_forward_does_not_calibrate():
   layer = T.quant_linear(6, 5, weight_bits=2, act_bits=2)
   layer.eval()
   assert layer.deterministic
-  layer(jnp.ones((1, 6)))
+  _apply(layer, np.ones((1, 6), np.float32))
   assert not bool(layer.calibrated[...])
   assert float(layer.weight_scale[...]) == 1.0 and float(layer.act_scale[...]) == 1.0
   layer.train()
-  layer(T.relu_batch(0, (3, 6)))
+  _apply(layer, T.relu_batch(0, (3, 6)))
   assert bool(layer.calibrated[...])
 
 
 def test_activation_scale_init_is_formula_on_first_batch():
-  layer = T.set_kernel(tnnx.QuantConv(2, 3, (3, 3), weight_bits=4, act_bits=2,
-                                      multiply_scale=False, rngs=nnx.Rngs(0)))
+  layer = tnnx.QuantConv(2, 3, (3, 3), weight_bits=4, act_bits=2, multiply_scale=False,
+                         kernel_init=T.np_init(0), bias_init=T.ZEROS, rngs=nnx.Rngs(0))
   x1 = T.relu_batch(3, (2, 4, 4, 2))
-  layer(x1)
+  _apply(layer, x1)
   expected = T.np_act_scale(x1)
   np.testing.assert_allclose(float(layer.act_scale[...]), expected, rtol=1e-5)
   # A second batch with another spread leaves it alone (only the optimizer moves it).
-  layer(3.0 * x1)
+  _apply(layer, 3.0 * x1)
   np.testing.assert_allclose(float(layer.act_scale[...]), expected, rtol=1e-5)
   assert isinstance(nnx.state(layer, nnx.Param)["act_scale"], tnnx.ActivationScale)
 
@@ -168,20 +165,19 @@ def test_weight_ste_gradient_is_one_over_s_inside_zero_outside(bits):
   inside = (k / s > -1.0) & (k / s < hi)
   assert 0 < inside.sum() < 40
   expected = np.where(inside, 1.0 / s, 0.0)[:, None]
-  x = jnp.ones((1, 40))
-  loss = lambda m: jnp.sum(m(x))
+  x = np.ones((1, 40), np.float32)
   # The calibrating forward: the fresh scale is a constant for the gradient.
-  np.testing.assert_allclose(nnx.grad(loss)(layer)["kernel"][...], expected, rtol=1e-5)
+  np.testing.assert_allclose(_grads(layer, x)[0]["kernel"][...], expected, rtol=1e-5)
   assert bool(layer.calibrated[...])
   np.testing.assert_allclose(float(layer.weight_scale[...]), s, rtol=1e-6)
   layer.eval()
-  np.testing.assert_allclose(nnx.grad(loss)(layer)["kernel"][...], expected, rtol=1e-5)
+  np.testing.assert_allclose(_grads(layer, x)[0]["kernel"][...], expected, rtol=1e-5)
 
 
 def _ones_linear(in_features, act_bits):
   return tnnx.QuantLinear(in_features, 1, weight_bits=None, act_bits=act_bits,
-                          multiply_scale=False, use_bias=False,
-                          kernel_init=nnx.initializers.ones, rngs=nnx.Rngs(0))
+                          multiply_scale=False, use_bias=False, kernel_init=T.ONES,
+                          rngs=nnx.Rngs(0))
 
 
 def test_activation_ste_gradients():
@@ -193,13 +189,13 @@ def test_activation_ste_gradients():
   # 2-bit activations: round(clip(4 x / s, 0, 3)) / 4; inside is 0 < x < 3 s / 4.
   # u = 5 x = -1, 0.5, 1.75, 2.75, 4.5 -> levels 0, 0 (half to even), 2, 3, 3.
   x = jnp.asarray([[-0.2, 0.1, 0.35, 0.55, 0.9]])
-  np.testing.assert_allclose(layer(x), [[(0 + 0 + 2 + 3 + 3) / 4.0]], rtol=1e-6)
-  gx = jax.grad(lambda x: jnp.sum(layer(x)))(x)
+  np.testing.assert_allclose(_apply(layer, x), [[(0 + 0 + 2 + 3 + 3) / 4.0]], rtol=1e-6)
+  grads, gx = _grads(layer, x)
   inside = np.array([0.0, 1.0, 1.0, 1.0, 0.0])
   np.testing.assert_allclose(gx, inside[None] / s, rtol=1e-6)
   # Scale gradient: d/ds (4 x / s) / 4 = -x / s^2 inside, 0 when clipped (no LSQ factor).
-  gs = nnx.grad(lambda m: jnp.sum(m(x)))(layer)["act_scale"][...]
-  np.testing.assert_allclose(gs, -np.sum(np.asarray(x)[0] * inside) / s**2, rtol=1e-6)
+  np.testing.assert_allclose(grads["act_scale"][...], -np.sum(np.asarray(x)[0] * inside) / s**2,
+                             rtol=1e-6)
 
 
 def test_activation_scale_gets_gradient_on_the_calibrating_forward():
@@ -207,7 +203,7 @@ def test_activation_scale_gets_gradient_on_the_calibrating_forward():
   # inside the forward, then uses it): d/ds = -sum(x inside) / s^2.
   layer = _ones_linear(16, 2)
   x = jnp.asarray([[0.0, 0.1, 0.2, 0.4] + [0.05] * 11 + [3.0]])
-  grads = nnx.grad(lambda m: jnp.sum(m(x)))(layer)
+  grads, _ = _grads(layer, x)
   s = T.np_act_scale(np.asarray(x))
   np.testing.assert_allclose(float(layer.act_scale[...]), s, rtol=1e-6)
   u = 4.0 * np.asarray(x)[0] / s
@@ -224,13 +220,14 @@ def test_binary_activation_levels_are_zero_one():
   layer.calibrated[...] = True
   # round(clip(2 x, 0, 1)) in {0, 1}; the value is level / 2.
   np.testing.assert_allclose(
-      layer(jnp.asarray([[0.1, 0.3, 2.0, -1.0, 0.2]])), [[0.5 * (0 + 1 + 1 + 0 + 0)]])
+      _apply(layer, jnp.asarray([[0.1, 0.3, 2.0, -1.0, 0.2]])), [[0.5 * (0 + 1 + 1 + 0 + 0)]])
 
 
 def test_bfloat16_layer_calibrates_and_quantizes_like_float32():
   """param_dtype=bfloat16: a bf16 step size is accepted, levels are those of float32."""
   layer = tnnx.QuantLinear(64, 8, weight_bits=8, act_bits=8, multiply_scale=False,
-                           param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+                           param_dtype=jnp.bfloat16, kernel_init=T.np_init(0, 0.1),
+                           bias_init=T.ZEROS, rngs=nnx.Rngs(0))
   x = T.relu_batch(3, (4, 64)).astype(jnp.bfloat16)
 
   @nnx.jit
@@ -256,17 +253,12 @@ def test_bfloat16_layer_calibrates_and_quantizes_like_float32():
 # A first training batch that defines no step size (no calibrate call)
 
 
-@nnx.jit
-def _train_forward(model, x):
-  return model(x)
-
-
 @pytest.mark.parametrize("first", ["all zero", "empty"])
 def test_batch_without_spread_does_not_calibrate_under_jit(first):
-  conv = T.set_kernel(tnnx.QuantConv(2, 3, (3, 3), weight_bits=2, act_bits=2,
-                                     multiply_scale=False, rngs=nnx.Rngs(0)))
-  batch = jnp.zeros((4, 5, 5, 2)) if first == "all zero" else jnp.zeros((0, 5, 5, 2))
-  y = _train_forward(conv, batch)
+  conv = tnnx.QuantConv(2, 3, (3, 3), weight_bits=2, act_bits=2, multiply_scale=False,
+                        kernel_init=T.np_init(0), bias_init=T.ZEROS, rngs=nnx.Rngs(0))
+  batch = jnp.asarray(np.zeros((4 if first == "all zero" else 0, 5, 5, 2)), jnp.float32)
+  y = _apply(conv, batch)
   assert y.shape == (batch.shape[0], 5, 5, 3)
   # Stays uncalibrated with its finite placeholders; an all-zero input is level 0.
   np.testing.assert_array_equal(y, 0.0)
@@ -274,7 +266,7 @@ def test_batch_without_spread_does_not_calibrate_under_jit(first):
   assert float(conv.act_scale[...]) == 1.0 and float(conv.weight_scale[...]) == 1.0
   # The next batch with a spread calibrates, by the formula.
   x = T.relu_batch(5, (4, 5, 5, 2))
-  y = _train_forward(conv, x)
+  y = _apply(conv, x)
   assert bool(conv.calibrated[...]) and bool(jnp.all(jnp.isfinite(y)))
   np.testing.assert_allclose(float(conv.act_scale[...]), T.np_act_scale(x), rtol=1e-5)
   np.testing.assert_allclose(float(conv.weight_scale[...]),
@@ -283,8 +275,8 @@ def test_batch_without_spread_does_not_calibrate_under_jit(first):
 
 def test_all_zero_kernel_does_not_calibrate():
   layer = tnnx.QuantLinear(4, 2, weight_bits=2, act_bits=None, multiply_scale=False,
-                           kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
-  y = layer(jnp.ones((3, 4)))
+                           kernel_init=T.ZEROS, bias_init=T.ZEROS, rngs=nnx.Rngs(0))
+  y = _apply(layer, np.ones((3, 4), np.float32))
   np.testing.assert_array_equal(y, 0.0)
   assert not bool(layer.calibrated[...]) and float(layer.weight_scale[...]) == 1.0
   np.testing.assert_array_equal(layer.levels(), 0)
