@@ -98,9 +98,8 @@ def _weight_scale(layer: layers_lib.QuantLayer, kernel: tp.Any, name: str) -> ja
         "not visible. Call talr_optax.nnx.calibrate(model, batch) (or run one "
         "training forward pass) outside jit before the first jitted step."
     )
-  # Calibrated: the frozen scale (a constant under jit, where XLA drops the
-  # unused fresh branch). Not yet, eagerly (nnx.Optimizer calling tx.init
-  # before the first forward): the scale that forward will freeze.
+  # Calibrated: the frozen scale. Not yet, eagerly (nnx.Optimizer calling
+  # tx.init before the first forward): the scale that forward will freeze.
   return layer.weight_scale_for(kernel)
 
 
@@ -197,7 +196,10 @@ def _raise_foreign_params(params: tp.Any, kernels: dict[str, tp.Any]) -> tp.NoRe
   )
 
 
-def _check_filter(wrt: tp.Any, owner: str) -> None:
+def _labelled_state(model: tp.Any, wrt: tp.Any, owner: str
+                    ) -> tuple[nnx.State, dict[str, layers_lib.QuantLayer]]:
+  """Checks the arguments; returns ``nnx.state(model, wrt)`` and the quantized kernels."""
+  _check_module(model, owner)
   try:
     nnx.filterlib.to_predicate(wrt)
   except Exception as e:  # pylint: disable=broad-except
@@ -205,6 +207,7 @@ def _check_filter(wrt: tp.Any, owner: str) -> None:
         f"{owner}: wrt must be an nnx filter, the one given to nnx.Optimizer "
         f"(e.g. nnx.Param), got wrt = {wrt!r}."
     ) from e
+  return nnx.state(model, wrt), _quantized_kernels(model, owner)
 
 
 def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
@@ -236,9 +239,7 @@ def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
       nnx filter.
     ValueError: a quantized kernel stacked over more than one axis.
   """
-  _check_module(model, "param_labels")
-  _check_filter(wrt, "param_labels")
-  kernels = _quantized_kernels(model, "param_labels")
+  state, kernels = _labelled_state(model, wrt, "param_labels")
   batch_norms = {
       "/".join(str(p) for p in path)
       for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)
@@ -253,7 +254,7 @@ def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
       return BATCH_NORM
     return FULL_PRECISION
 
-  return _map_with_path(label, nnx.state(model, wrt))
+  return _map_with_path(label, state)
 
 
 def layer_axes_for(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
@@ -276,13 +277,11 @@ def layer_axes_for(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
       nnx filter.
     ValueError: a quantized kernel stacked over more than one axis.
   """
-  _check_module(model, "layer_axes_for")
-  _check_filter(wrt, "layer_axes_for")
-  kernels = _quantized_kernels(model, "layer_axes_for")
+  state, kernels = _labelled_state(model, wrt, "layer_axes_for")
 
   def axis(name: str, leaf: tp.Any) -> int | None:
     del leaf
     layer = kernels.get(name)
     return 0 if layer is not None and layer.stack_shape else None
 
-  return _map_with_path(axis, nnx.state(model, wrt))
+  return _map_with_path(axis, state)

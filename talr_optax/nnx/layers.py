@@ -9,8 +9,8 @@ that side full precision; with both ``None`` a layer computes exactly what the
 Flax layer computes, so the same classes build the full-precision model that
 quantization-aware training starts from.
 
-Quantizer state, per layer (Lee et al., "Scheduling Weight Transitions for
-Quantization-Aware Training", ICCV 2025, Sec. 3):
+Quantizer state, per layer, as in Lee et al., "Scheduling Weight Transitions
+for Quantization-Aware Training" (ICCV 2025):
 
 * ``weight_scale`` (:class:`WeightScale`, a plain ``nnx.Variable``): the frozen
   weight step size ``s = 3 * std(w)``. It is not an ``nnx.Param``, so
@@ -51,6 +51,7 @@ import typing as tp
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from talr_optax import _checks
@@ -234,9 +235,14 @@ class QuantLayer(nnx.Module):
     if self.weight_bits is None:
       raise ValueError("weight_scale_for needs weight_bits, got weight_bits = None.")
     kernel = self.kernel[...] if kernel is None else kernel
+    calibrated, stored = self.calibrated[...], self.weight_scale[...]
+    if not isinstance(calibrated, jax.core.Tracer) and np.all(np.asarray(calibrated)):
+      # Known to be frozen: skip the fresh std (which a caller tracing
+      # ``kernel``, e.g. levels_fn in a jitted update, would compute every step).
+      return _per_layer(stored, self.kernel_ndim)
     fresh = fresh_weight_scale(kernel, self.kernel_ndim)
-    keep = self.calibrated[...] | ~_usable(fresh)
-    return _per_layer(jnp.where(keep, self.weight_scale[...], fresh), self.kernel_ndim)
+    keep = calibrated | ~_usable(fresh)
+    return _per_layer(jnp.where(keep, stored, fresh), self.kernel_ndim)
 
   def levels(self) -> jax.Array:
     """Integer (int8) levels of the current kernel under :meth:`weight_scale_for`."""

@@ -326,17 +326,7 @@ class MobileNetV2Tiny(nnx.Module):
   convs and the last 1x1 conv (which read a linear bottleneck, possibly
   negative) on the kernel only; see :class:`InvertedResidual`.
 
-  Args:
-    weight_bits: bits of the quantized convs' kernels, or ``None``.
-    act_bits: bits of the quantized convs' inputs, or ``None``.
-    in_channels: input channels (1 for digits).
-    num_classes: output classes.
-    rngs: random number generators.
-
-  Raises:
-    ValueError: bits outside ``{1, 2, 3, 4, 8, None}``, or ``in_channels`` /
-      ``num_classes`` not an int >= 1.
-    TypeError: ``rngs`` is not an ``nnx.Rngs``.
+  Args and errors: as :class:`ResNet20` (``in_channels`` 1 for digits).
   """
 
   # (expand_ratio, out_features, stride) per block.
