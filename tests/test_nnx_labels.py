@@ -273,7 +273,8 @@ def test_stacked_levels_before_calibration_use_each_layers_own_std(stacked_pair)
   levels = _levels(stacked)["blocks"]["mlp"]["kernel"]
   kernel = T.np_value(stacked.blocks.mlp.kernel)
   for i in range(L):
-    np.testing.assert_array_equal(levels[i], T.np_levels(kernel[i], T.np_weight_scale(kernel[i]), 2))
+    expected = T.np_levels(kernel[i], T.np_weight_scale(kernel[i]), 2)
+    np.testing.assert_array_equal(levels[i], expected)
   np.testing.assert_array_equal(levels[1], _levels(unrolled)["blocks"][1]["mlp"]["kernel"])
 
 
@@ -306,7 +307,8 @@ def test_stacked_conv_is_recognised():
   kernel = T.np_value(conv.kernel)
   assert levels.shape == (3, 3, 3, 2, 4)
   for i in range(3):
-    np.testing.assert_array_equal(levels[i], T.np_levels(kernel[i], T.np_weight_scale(kernel[i]), 4))
+    expected = T.np_levels(kernel[i], T.np_weight_scale(kernel[i]), 4)
+    np.testing.assert_array_equal(levels[i], expected)
 
 
 def test_stacked_calibrate_reset_and_optimizer_state_forms(stacked_pair):

@@ -30,8 +30,9 @@ CONV_CASES = {
                                                use_bias=True)),
     "1-D int kernel": (3, 4, (2, 9, 3), dict(kernel_size=3, strides=2, padding="CAUSAL")),
     "two batch axes": (3, 4, (2, 3, 5, 5, 3), dict(kernel_size=(3, 3))),
-    "mask": (2, 3, (2, 5, 5, 2), dict(kernel_size=(3, 3), use_bias=False,
-                                      mask=jnp.asarray(np.tril(np.ones((3, 3, 2, 3))), jnp.float32))),
+    "mask": (2, 3, (2, 5, 5, 2), dict(
+        kernel_size=(3, 3), use_bias=False,
+        mask=jnp.asarray(np.tril(np.ones((3, 3, 2, 3))), jnp.float32))),
 }
 
 

@@ -402,7 +402,8 @@ class QuantConv(QuantLayer, nnx.Conv):
     # An int is a 1-D kernel, as in nnx.Conv.
     sizes = (kernel_size,) if isinstance(kernel_size, numbers.Integral) else tuple(kernel_size)
     if not sizes:
-      raise ValueError(f"{owner}: kernel_size must not be empty, got kernel_size = {kernel_size!r}.")
+      raise ValueError(
+          f"{owner}: kernel_size must not be empty, got kernel_size = {kernel_size!r}.")
     for size in sizes:
       _checks.check_int("kernel_size", size, owner=owner)
     groups = _checks.check_int("feature_group_count", kwargs.get("feature_group_count", 1),
