@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from talr_optax import _checks
 from talr_optax import _tree
 from talr_optax import quantizers
 from talr_optax.nnx import layers as layers_lib
@@ -185,7 +186,7 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
 
 def _raise_foreign_params(params: tp.Any, kernels: dict[str, tp.Any]) -> tp.NoReturn:
   """``params`` hold none of the model's quantized kernel paths: say what was expected."""
-  quantizers.raise_if_step_count(params)
+  _checks.raise_if_step_count(params)
   expected = ", ".join(f"'{name}'" for name in list(kernels)[:3])
   got = [name or "<the root>" for name, _ in _tree.leaves_with_paths(params)]
   got_text = ", ".join(f"'{g}'" for g in got[:3]) or "no leaves"
