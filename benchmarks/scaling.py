@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # pylint: disable=wrong-import-position
 
-GROUPS = (("sgd", ("sgd", "sgdt", "sgdt_levels")), ("adam", ("adam", "adamt", "adamt_levels")))
+GROUPS = (("sgd", ("sgd", "sgdt", "sgdt_sampled")), ("adam", ("adam", "adamt", "adamt_sampled")))
 
 
 def fit(ns, ts):
