@@ -9,6 +9,7 @@ optimizers (SGDT, AdamT, AdamWT). Flax NNX layers live in ``talr_optax.nnx``.
 from talr_optax.counting import count_transitions
 from talr_optax.metrics import metrics
 from talr_optax.optimizers import adamt, adamwt, sgdt
+from talr_optax.oscillations import TrackOscillationsState, track_oscillations
 from talr_optax.quantizers import (
     activation_levels,
     distance_to_transition,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RateNames",
     "ScaleByTALRState",
+    "TrackOscillationsState",
     "TrackTransitionsState",
     "activation_levels",
     "adamt",
@@ -49,6 +51,7 @@ __all__ = [
     "metrics",
     "scale_by_talr",
     "sgdt",
+    "track_oscillations",
     "track_transitions",
     "weight_levels",
 ]

@@ -51,6 +51,13 @@ class QuantizedLeaf(NamedTuple):
   strides: Optional[tuple[int, ...]]  # sampling grid, None when exact
   shape: tuple[int, ...]  # of the levels (and the param)
 
+  @property
+  def counted_shape(self) -> tuple[int, ...]:
+    """Shape of the counted (stored) levels: the sampling grid, or ``shape``."""
+    if self.strides is None:
+      return self.shape
+    return tuple(-(-d // s) for d, s in zip(self.shape, self.strides))
+
 
 class Layout(NamedTuple):
   treedef: Any  # of the levels pytree, None and MaskedNode as leaves
@@ -180,6 +187,29 @@ def build(levels: list[Any], treedef: Any, params: Any, *, layer_axes: Any,
                                 tuple(level.shape)))
     names.extend([path] if axis is None else [f"{path}[{i}]" for i in range(num)])
   return Layout(treedef, tuple(leaves), tuple(names), global_rate)
+
+
+def of_shapes(levels_fn: LevelsFn, params: Any, *, layer_axes: Any,
+              sample_size: Optional[int], global_rate: bool) -> Layout:
+  """The layout from the shapes of ``levels_fn(params)``, computing no levels."""
+  shapes = jax.eval_shape(levels_fn, params)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_none_or_masked_leaf)
+  leaves = [None if is_none_or_masked_leaf(x) else x for x in leaves]
+  return build(leaves, treedef, params, layer_axes=layer_axes, sample_size=sample_size,
+               global_rate=global_rate)
+
+
+def group_means(layout: Layout, values: list[Any]) -> jax.Array:
+  """Mean of per-weight ``values`` (counted shape, one per quantized leaf) per rate group."""
+  out = []
+  for q, x in zip([q for q in layout.leaves if q is not None], values):
+    x = x.astype(RATE_DTYPE)
+    if q.layer_axis is None:
+      out.append(jnp.mean(x).reshape(1))
+    else:
+      x = jnp.moveaxis(x, q.layer_axis, 0)
+      out.append(jnp.mean(x.reshape(x.shape[0], -1), axis=1))
+  return jnp.concatenate(out) if out else jnp.zeros((0,), RATE_DTYPE)
 
 
 def counted_levels(layout: Layout, levels: list[Any]) -> Any:

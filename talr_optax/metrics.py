@@ -14,15 +14,18 @@ from typing import Any
 import jax
 
 from talr_optax import _tree
+from talr_optax.oscillations import TrackOscillationsState
 from talr_optax.transform import ScaleByTALRState, TrackTransitionsState
 
 __all__ = ["metrics"]
 
-_FIELDS = ("talr", "transition_rate", "ema_transition_rate", "target_transition_rate")
+_FIELDS = ("talr", "transition_rate", "ema_transition_rate", "target_transition_rate",
+           "mean_oscillation_frequency", "oscillating_fraction", "oscillation_rate")
+_STATES = (ScaleByTALRState, TrackTransitionsState, TrackOscillationsState)
 
 
 def _is_state(x: Any) -> bool:
-  return isinstance(x, (ScaleByTALRState, TrackTransitionsState))
+  return isinstance(x, _STATES)
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -30,9 +33,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
 
   Args:
     opt_state: any optimizer state holding states of
-      :func:`talr_optax.scale_by_talr` or :func:`talr_optax.track_transitions`
-      (also the ``opt_state`` of an ``nnx.Optimizer``, whose boxed arrays are
-      unboxed).
+      :func:`talr_optax.scale_by_talr`, :func:`talr_optax.track_transitions`
+      or :func:`talr_optax.track_oscillations` (also the ``opt_state`` of an
+      ``nnx.Optimizer``, whose boxed arrays are unboxed).
 
   Returns:
     ``{"talr/<name>": U, "transition_rate/<name>": k,
@@ -40,8 +43,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     with float32 scalar arrays (jit-compatible: no host transfer). ``<name>``
     is the param path (``"conv1/kernel"``), with ``[i]`` for layer ``i`` of a
     stacked param; with ``granularity="global"`` the key is the field name
-    alone. The monitor has no ``talr`` or target. When several states name
-    the same rate, later ones get a ``#<i>`` suffix.
+    alone. The oscillation monitor adds ``mean_oscillation_frequency/<name>``,
+    ``oscillating_fraction/<name>`` and ``oscillation_rate/<name>``. When
+    several states name the same rate, later ones get a ``#<i>`` suffix.
   """
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(s)]
   out: dict[str, jax.Array] = {}

@@ -326,7 +326,8 @@ def scale_by_talr(
           f" {type(state).__name__}: was the state made by another optimizer?")
     count = state.talr_count
     # 1. The update, from U_n alone.
-    layout = _layout_of(levels_fn, params, layer_axes, sample_size, global_rate)
+    layout = _layout.of_shapes(levels_fn, params, layer_axes=layer_axes,
+                                sample_size=sample_size, global_rate=global_rate)
     fallback = None if fallback_fn is None else jnp.asarray(fallback_fn(count), RATE_DTYPE)
     scaled = []
     for q, u in zip(layout.leaves, _layout.match(layout.treedef, updates, "updates")):
@@ -359,15 +360,6 @@ def scale_by_talr(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _layout_of(levels_fn, params, layer_axes, sample_size, global_rate) -> _layout.Layout:
-  """The layout from the shapes of ``levels_fn(params)``, without computing levels."""
-  shapes = jax.eval_shape(levels_fn, params)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_layout.is_none_or_masked_leaf)
-  leaves = [None if _layout.is_none_or_masked_leaf(x) else x for x in leaves]
-  return _layout.build(leaves, treedef, params, layer_axes=layer_axes,
-                       sample_size=sample_size, global_rate=global_rate)
 
 
 def track_transitions(
