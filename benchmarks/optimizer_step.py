@@ -33,7 +33,7 @@ number of large-array ops per tensor, and whether any op writing new params
 or moments waits for a transition count (``waits``: it must not).
 
 Usage:
-  python benchmarks/optimizer_step.py --quick   # 0.1M and 1M, 20 rounds (~20 s)
+  python benchmarks/optimizer_step.py --quick   # 0.1M and 1M, 20 rounds
   python benchmarks/optimizer_step.py           # 1M, 10M, 50M, 25 rounds
   python benchmarks/optimizer_step.py --sizes 10M --variants sgdt,sgdt_sampled --repeats 40
   python benchmarks/optimizer_step.py --hlo sgdt --sizes 1M   # compiled HLO + its passes

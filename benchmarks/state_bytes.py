@@ -28,7 +28,7 @@ Settings:
   before and after.
 
 Usage:
-  python benchmarks/state_bytes.py --quick   # 1M conv, ResNet-20, Llama-7B (~15 s)
+  python benchmarks/state_bytes.py --quick   # 1M conv, ResNet-20, Llama-7B
   python benchmarks/state_bytes.py           # 1M, 10M, 50M conv, ResNet-20, Llama-7B
   python benchmarks/state_bytes.py --settings llama7b
 """

@@ -37,7 +37,7 @@ compiled and warmed up, then timed in interleaved rounds; each call ends with
 ready together).
 
 Usage:
-  python benchmarks/train_step.py --quick      # SmallCNN batch 32, both styles, 20 rounds (~30 s)
+  python benchmarks/train_step.py --quick      # SmallCNN batch 32, both styles, 20 rounds
   python benchmarks/train_step.py              # SmallCNN and ResNet-20, both styles, 25 rounds
   python benchmarks/train_step.py --models resnet20 --styles nnx --repeats 40
 """
