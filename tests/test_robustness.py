@@ -176,9 +176,7 @@ def test_dtypes_keep_updates_in_param_dtype_and_count_exactly(opt_name, dtype, x
       (s,) = _talr_states(state)
       # k of the update: the levels of the params in their own dtype, counted
       # on the host, before and after it.
-      # (bfloat16: see test_levels_are_those_of_the_rounded_bfloat16_params.)
-      if dtype != jnp.bfloat16:
-        _assert_k_is_the_host_count(s, params, new_params, granularity)
+      _assert_k_is_the_host_count(s, params, new_params, granularity)
       params = new_params
     chex.assert_trees_all_equal_shapes_and_dtypes(init_state, state)
     names = ("",) if granularity == "global" else QUANTIZED
@@ -189,19 +187,17 @@ def test_dtypes_keep_updates_in_param_dtype_and_count_exactly(opt_name, dtype, x
     for k in QUANTIZED:
       assert s.prev_levels[k].dtype == jnp.int8
       assert s.prev_levels[k].shape == params[k].shape
-      if dtype != jnp.bfloat16:
-        np.testing.assert_array_equal(
-            s.prev_levels[k], ref_levels(np.asarray(params[k], np.float64), SCALES[k], 2))
+      np.testing.assert_array_equal(
+          s.prev_levels[k], ref_levels(np.asarray(params[k], np.float64), SCALES[k], 2))
     assert s.prev_levels["fp"] is None
     if isinstance(s, talr.ScaleByTALRState):
       assert s.talr_count.dtype == jnp.int32 and int(s.talr_count) == 3
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "core: under jit XLA keeps params + updates in float32 (excess precision) when"
-    " levels_fn reads them, so k and the stored levels are those of the unrounded sum,"
-    " not of the bfloat16 params the step returns"))
 def test_levels_are_those_of_the_rounded_bfloat16_params():
+  # Under jit XLA may keep params + updates of bfloat16 params in float32
+  # (excess precision) where levels_fn reads them; the stored levels must be
+  # those of the rounded params the step returns, or the next k is off.
   tx = _tx("sgdt")
   params = _params(jnp.bfloat16)
   state = tx.init(params)
@@ -646,9 +642,6 @@ def test_zero_size_quantized_tensor_under_global_rate_and_monitor():
       np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="core: a zero-size quantized leaf is taken for an unquantized"
-                          " one, so init asks for fallback_learning_rate")
 def test_zero_size_quantized_tensor_needs_no_fallback_learning_rate():
   lf = talr.levels_fn_from_scales({"a": 3.0, "z": 1.0}, 2)
   params = {"a": _params()["a"], "z": jnp.zeros((0, 16))}
@@ -733,13 +726,14 @@ def test_eager_and_jitted_update_are_bitwise_identical(make):
   assert moved > 0.1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="core: the clear map_params error of the old core was dropped;"
-                          " the error now names a _ParamsPlaceholder")
-def test_tree_map_params_is_a_clear_error():
-  tx = _tx("sgdt")
+@pytest.mark.parametrize("name, owner", [("sgdt", "scale_by_talr"),
+                                         ("track_sgd", "track_transitions")])
+def test_tree_map_params_is_a_clear_error(name, owner):
+  # map_params calls init on a placeholder, which has no levels.
+  tx = _tx(name)
   state = tx.init(_params())
-  with pytest.raises(ValueError, match="map_params"):
+  with pytest.raises(ValueError, match=f"optax.tree.map_params cannot map a {owner} state"
+                                       r".*call tx.init \(or jax.jit\(tx.init\)\)"):
     optax.tree.map_params(tx, lambda v: v, state)
 
 
