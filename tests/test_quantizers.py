@@ -516,9 +516,6 @@ def test_levels_fn_from_scales_accepts_good_per_channel_and_boxed_scales():
   np.testing.assert_array_equal(levels["layer"]["k"], [[1, -1], [0, 1]])
 
 
-@pytest.mark.xfail(strict=True, reason="core: levels_fn_from_scales converts the scale with"
-                   " np.asarray(..., float64), which accepts '0.5' and True; a string then"
-                   " fails at the first call with an unrelated TypeError")
 @pytest.mark.parametrize("scale", ["0.5", True], ids=["string", "bool"])
 def test_levels_fn_from_scales_rejects_non_numeric_scales(scale):
   with pytest.raises(ValueError, match=r"scales\['w'\] must be a finite step size"):
