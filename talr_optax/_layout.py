@@ -221,8 +221,19 @@ def group_means(layout: Layout, values: list[Any]) -> jax.Array:
 def counted_levels(layout: Layout, levels: list[Any]) -> Any:
   """The levels pytree as stored: sampled where sampling applies, None elsewhere."""
   return layout.treedef.unflatten([
-      None if q is None else take_sample(levels[q.position], q.strides)
+      None if q is None else _sample(levels[q.position], q.strides)
       for q in layout.leaves])
+
+
+def _sample(levels: jax.Array, strides: Optional[tuple[int, ...]]) -> jax.Array:
+  """The counted levels, computed once.
+
+  XLA:CPU would otherwise fuse the cheap levels computation into both of its
+  consumers (the count and the stored copy) and read the sampled rows twice.
+  """
+  if strides is None:
+    return levels
+  return jax.lax.optimization_barrier(take_sample(levels, strides))
 
 
 def transition_rates(layout: Layout, levels: list[Any], prev_levels: Any) -> jax.Array:
@@ -232,7 +243,7 @@ def transition_rates(layout: Layout, levels: list[Any], prev_levels: Any) -> jax
   for q in layout.leaves:
     if q is None:
       continue
-    new = take_sample(levels[q.position], q.strides)
+    new = _sample(levels[q.position], q.strides)
     old = _tree.unbox(prev[q.position])
     if old is None or tuple(old.shape) != tuple(new.shape):
       raise ValueError(

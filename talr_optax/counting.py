@@ -88,7 +88,7 @@ def sample_strides(shape: Sequence[int], sample_size: int,
   than ``sample_size`` entries is sampled on a grid: every ``s_i``-th index
   along each axis ``i``, at most ``sample_size`` points per slice. Rows (all
   axes but the last) are thinned first, down to about
-  ``sqrt(sample_size)`` of them, then the last axis: the grid spans every
+  ``sqrt(sample_size) / 4`` of them (at least 16), then the last axis: the grid spans every
   axis, while the entries of a row stay close in memory, so the sample reads
   a small share of the tensor's cache lines. Along each axis the axis with
   most grid points is thinned first.
@@ -120,7 +120,8 @@ def sample_strides(shape: Sequence[int], sample_size: int,
       points[i] = -(-shape[i] // strides[i])
 
   rows, last = axes[:-1], axes[-1]
-  thin(rows, max(math.isqrt(sample_size), -(-sample_size // shape[last])))
+  root = math.isqrt(sample_size)
+  thin(rows, max(root // 4, min(16, root), -(-sample_size // shape[last])))
   thin(axes, sample_size)
   return tuple(strides)
 
