@@ -1,4 +1,4 @@
-"""Tests for talr_optax.data: digits split, CIFAR-10 pickle loader, batching."""
+"""Tests for talr_optax.demo.data: digits split, CIFAR-10 pickle loader, batching."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from talr_optax import data
+from talr_optax.demo import data
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +191,10 @@ def test_cifar10_corrupt_file(tmp_path, content):
     data.load_cifar10(tmp_path)
 
 
-def test_data_module_does_not_import_flax():
-  code = "import sys, talr_optax.data; assert 'flax' not in sys.modules, 'flax imported'"
+def test_data_module_imports_neither_flax_nor_orbax():
+  code = ("import sys, talr_optax.demo.data; "
+          "heavy = [m for m in ('flax', 'orbax', 'sklearn') if m in sys.modules]; "
+          "assert not heavy, heavy")
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
