@@ -108,7 +108,7 @@ def _split_counts(weights):
 
 def _flat(model, weights):
   params = nnx.to_flat_state(nnx.as_pure(nnx.state(model, nnx.Param)))
-  by_path = {tuple(p): v for p, v in params}
+  by_path = {"/".join(map(str, p)): v for p, v in params}
   return {path: by_path[path] for path in weights}
 
 

@@ -5,6 +5,8 @@ weight scale is frozen at ``3 std(w)`` of the pretrained weights with
 ``talr_optax.qwix.frozen_scale_rules``, so a level changes only when a weight
 crosses a transition point (by default Qwix recomputes the scale every step).
 ``levels_fn_from_qwix`` gives TALR the integers Qwix uses in its forward pass.
+(For a model with stacked layers under ``nnx.scan``, also pass
+``layer_axes=levels_fn.layer_axes`` to ``sgdt`` to give each layer its own rate.)
 
     python examples/qwix_qat.py
 """
@@ -86,8 +88,13 @@ def main():
   lr = optax.cosine_decay_schedule(LR, QAT_STEPS)
   decayed_sgd = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(lr, momentum=0.9))
   runs = {
-      # Baseline: cosine learning rate; track_transitions only measures K.
-      "SGD": optax.chain(talr_optax.track_transitions(levels_fn), decayed_sgd),
+      # Baseline: cosine learning rate. track_transitions only measures K; it
+      # is the last stage, so it sees the final updates and counts the
+      # transitions they cause. K starts at R_0, as TALR's does.
+      "SGD": optax.chain(
+          decayed_sgd,
+          talr_optax.track_transitions(levels_fn, initial_rate=talr_optax.initial_target(BITS)),
+      ),
       "SGDT": talr_optax.sgdt(lr, target, levels_fn, momentum=0.9, weight_decay=WEIGHT_DECAY),
   }
   print(f"W{BITS} (Qwix, frozen scale) MLP on digits, {QAT_STEPS} QAT steps")

@@ -9,6 +9,7 @@ optimizers (SGDT, AdamT, AdamWT). Flax NNX layers live in ``talr_optax.nnx``.
 from talr_optax.counting import count_transitions
 from talr_optax.metrics import metrics
 from talr_optax.optimizers import adamt, adamwt, sgdt
+from talr_optax.oscillations import TrackOscillationsState, track_oscillations
 from talr_optax.quantizers import (
     activation_levels,
     distance_to_transition,
@@ -21,6 +22,7 @@ from talr_optax.quantizers import (
 )
 from talr_optax.schedules import cosine_target, initial_target
 from talr_optax.transform import (
+    RateNames,
     ScaleByTALRState,
     TrackTransitionsState,
     scale_by_talr,
@@ -30,7 +32,9 @@ from talr_optax.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "RateNames",
     "ScaleByTALRState",
+    "TrackOscillationsState",
     "TrackTransitionsState",
     "activation_levels",
     "adamt",
@@ -47,6 +51,7 @@ __all__ = [
     "metrics",
     "scale_by_talr",
     "sgdt",
+    "track_oscillations",
     "track_transitions",
     "weight_levels",
 ]

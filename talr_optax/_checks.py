@@ -118,3 +118,17 @@ def check_scalar_or_schedule(name: str, value: Any, *, low_open: bool = True,
 def check_bits(name: str, value: Any, *, owner: Optional[str] = None) -> int:
   """A bit width of the paper's quantizers: an integer in ``[1, 8]``."""
   return check_int(name, value, 1, 8, owner=owner)
+
+
+def raise_if_step_count(params: Any) -> None:
+  """Raises a hint when a ``levels_fn`` receives a step count instead of params.
+
+  ``optax.inject_hyperparams`` treats every callable argument as a schedule
+  and calls it with the step count unless it is named in ``static_args``.
+  """
+  if getattr(params, "shape", None) == () and jnp.issubdtype(
+      getattr(params, "dtype", np.float32), jnp.integer):
+    raise ValueError(
+        "levels_fn was called with a step count instead of params: under"
+        " optax.inject_hyperparams pass static_args=('levels_fn',), since it"
+        " treats every callable argument as a schedule.")

@@ -1,95 +1,114 @@
-"""Exact count of changed quantization levels, the hot loop of TALR.
+"""Counting changed quantization levels: exactly, per layer, or on a sample.
 
-Kept in one small function so the formulation can be chosen from measurements
-(``benchmarks/count_formulations.py``) without touching the transformation.
+:func:`count_transitions` is the hot loop of TALR. On XLA:CPU a float32
+reduction absorbs subtract / abs / sign into one vectorised pass, while
+``sum(a != b)`` writes a boolean temporary and reduces it as integers, several
+times slower. Level differences are small integers, so ``sign(|a - b|)`` is
+exactly 0 or 1, and a float32 sum is exact while it stays below 2^24: rows
+along the last axis are summed in float32, then the row sums as int32. Only
+existing axes are reduced, so nothing is reshaped across a sharded axis.
 
-Why this formulation: on XLA:CPU, float32 reductions run through a fast
-vectorised path that can absorb subtract / abs / sign into the reduction, but
-not a comparison; ``sum(a != b)`` first writes a full-size boolean temporary
-and then reduces it as integers, 3-4x slower in a full optimizer step. Here
-``sign(|a - b|)`` is exactly 0 or 1 in float32 (level differences are at most
-255), each row along the last axis is summed in float32 (exact while a row has
-fewer than 2^24 entries) and the row sums are added as int32. Only existing
-axes are reduced, so nothing is reshaped across a sharded axis.
-
-:func:`count_transitions_packed` reads four int8 levels as one uint32 word
-(a reshape of the last axis only) and counts changed bytes per word. It is
-faster when the levels are already in memory (passed as ``levels=`` to
-``update``), but when the levels are computed in the same step XLA:CPU
-recomputes them from the params inside it, so the transformation uses it only
-for levels passed in.
+:func:`sample_strides` and :func:`take_sample` pick the fixed subset that
+``sample_size`` counts on: a strided grid over every axis of a tensor (never
+one contiguous block, whose weights would share a channel), so the estimate
+covers all input and output channels.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Optional, Sequence
+
 import jax
-from jax import lax
 import jax.numpy as jnp
 
-__all__ = ["count_transitions", "count_transitions_packed"]
+__all__ = ["count_transitions", "sample_strides", "take_sample"]
 
-# Float32 represents every integer up to 2^24 exactly.
-_EXACT_F32_ROW = 2**24
+# float32 represents every integer up to 2^24 exactly.
+_EXACT_F32_SUM = 2**24
 
 
-def count_transitions(levels: jax.Array, prev_levels: jax.Array) -> jax.Array:
-  """Number of entries where ``levels != prev_levels``, as an exact int32 scalar.
-
-  Args:
-    levels: integer levels of one tensor at this step (int8 in practice).
-    prev_levels: integer levels of the same tensor at the previous step, same
-      shape.
-
-  Returns:
-    An int32 scalar: the number of quantized weights that changed level.
-  """
+def _check_levels(levels: jax.Array, prev_levels: jax.Array) -> None:
+  for name, x in (("levels", levels), ("prev_levels", prev_levels)):
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(
+          f"count_transitions counts integer quantization levels, got {name} of"
+          f" dtype {dtype}: pass the integer levels (e.g. talr_optax.weight_levels),"
+          " not the float weights.")
   if levels.shape != prev_levels.shape:
     raise ValueError(
-        f"levels and prev_levels must have the same shape, got {levels.shape}"
-        f" and {prev_levels.shape}."
-    )
-  if levels.ndim == 0:
-    levels, prev_levels = levels.reshape(1), prev_levels.reshape(1)
-  if levels.shape[-1] >= _EXACT_F32_ROW or jnp.iinfo(levels.dtype).bits > 8:
-    return jnp.sum(levels != prev_levels, dtype=jnp.int32)
-  diff = jnp.abs(levels.astype(jnp.float32) - prev_levels.astype(jnp.float32))
-  per_row = jnp.sum(jnp.sign(diff), axis=-1)
-  return jnp.sum(per_row.astype(jnp.int32), dtype=jnp.int32)
+        f"levels and prev_levels must have the same shape, got {levels.shape} and"
+        f" {prev_levels.shape}.")
 
 
-def _words(x: jax.Array) -> jax.Array:
-  """(..., C) int8 with C % 4 == 0 -> (..., C // 4) uint32 (last axis only)."""
-  return lax.bitcast_convert_type(
-      x.reshape(x.shape[:-1] + (x.shape[-1] // 4, 4)), jnp.uint32)
-
-
-def count_transitions_packed(levels: jax.Array, prev_levels: jax.Array) -> jax.Array:
-  """:func:`count_transitions` on 32-bit words holding four int8 levels each.
-
-  XOR of the words is nonzero in exactly the bytes whose level changed; each
-  byte's bits are folded onto its lowest bit and the (at most 4) set bits of a
-  word are counted with ``lax.population_count``. Exact for any values; used
-  only for int8 levels whose last axis is a multiple of 4 (``ndim >= 1``),
-  otherwise it falls back to :func:`count_transitions`.
+def count_transitions(levels: jax.Array, prev_levels: jax.Array,
+                      axis: Optional[int] = None) -> jax.Array:
+  """Number of entries where ``levels != prev_levels``, exact, as int32.
 
   Args:
-    levels: integer levels of one tensor at this step.
-    prev_levels: the levels at the previous step, same shape.
+    levels: integer levels of one tensor after an update.
+    prev_levels: integer levels of the same tensor before it, same shape.
+    axis: ``None`` counts over the whole tensor; an int counts each slice
+      along that axis separately (a stacked tensor's layer axis).
 
   Returns:
-    An int32 scalar: the number of entries where ``levels != prev_levels``.
+    An int32 scalar, or with ``axis`` an int32 vector with one count per slice.
   """
-  if levels.shape != prev_levels.shape:
-    raise ValueError(
-        f"levels and prev_levels must have the same shape, got {levels.shape}"
-        f" and {prev_levels.shape}."
-    )
-  if (levels.dtype != jnp.int8 or prev_levels.dtype != jnp.int8
-      or levels.ndim == 0 or levels.shape[-1] % 4 != 0):
-    return count_transitions(levels, prev_levels)
-  z = _words(levels) ^ _words(prev_levels)
-  z = z | (z >> 4)
-  z = z | (z >> 2)
-  z = z | (z >> 1)
-  per_word = lax.population_count(z & jnp.uint32(0x01010101))
-  return jnp.sum(per_word.astype(jnp.int32), dtype=jnp.int32)
+  _check_levels(levels, prev_levels)
+  if axis is not None:
+    axis = axis % levels.ndim
+    levels, prev_levels = jnp.moveaxis(levels, axis, 0), jnp.moveaxis(prev_levels, axis, 0)
+  if levels.ndim == 0 or (levels.ndim == 1 and axis is not None):
+    # Nothing to sum within a slice: one entry per count.
+    return (levels != prev_levels).astype(jnp.int32).reshape(
+        (-1,) if axis is not None else ())
+  keep = 1 if axis is not None else 0
+  if levels.shape[-1] >= _EXACT_F32_SUM or jnp.iinfo(levels.dtype).bits > 8:
+    per_row = jnp.sum(levels != prev_levels, axis=-1, dtype=jnp.int32)
+  else:
+    # sign(|a - b|) is exactly 0 or 1; a row of fewer than 2^24 sums exactly.
+    diff = jnp.abs(levels.astype(jnp.float32) - prev_levels.astype(jnp.float32))
+    per_row = jnp.sum(jnp.sign(diff), axis=-1).astype(jnp.int32)
+  return jnp.sum(per_row, axis=tuple(range(keep, per_row.ndim)), dtype=jnp.int32)
+
+
+def sample_strides(shape: Sequence[int], sample_size: int,
+                   layer_axis: Optional[int] = None) -> Optional[tuple[int, ...]]:
+  """Strides of the fixed subset counted for a tensor of ``shape``.
+
+  Each slice (the whole tensor, or each slice along ``layer_axis``) with more
+  than ``sample_size`` entries is sampled on a grid: every ``s_i``-th index
+  along each axis ``i``. The strides are chosen greedily so the grid is as
+  even as possible across axes (the axis with most grid points is thinned
+  first) and holds at most ``sample_size`` points per slice.
+
+  Args:
+    shape: the tensor's shape.
+    sample_size: the largest number of entries counted per slice (>= 1).
+    layer_axis: an axis that is never thinned (each layer is sampled alike).
+
+  Returns:
+    The strides (1 on ``layer_axis``), or ``None`` if a slice has at most
+    ``sample_size`` entries and is counted exactly.
+  """
+  shape = tuple(int(d) for d in shape)
+  if layer_axis is not None:
+    layer_axis %= len(shape)
+  axes = [i for i in range(len(shape)) if i != layer_axis]
+  if math.prod(shape[i] for i in axes) <= sample_size:
+    return None
+  strides = [1] * len(shape)
+  points = {i: shape[i] for i in axes}
+  while math.prod(points.values()) > sample_size:
+    i = max(axes, key=lambda a: (points[a], a))  # ties: thin the later axis
+    strides[i] += 1
+    points[i] = -(-shape[i] // strides[i])
+  return tuple(strides)
+
+
+def take_sample(x: jax.Array, strides: Optional[Sequence[int]]) -> jax.Array:
+  """The entries of ``x`` on the grid of :func:`sample_strides` (``x`` if ``None``)."""
+  if strides is None:
+    return x
+  return x[tuple(slice(None, None, s) for s in strides)]

@@ -9,11 +9,17 @@ them from the rules: we run the quantized model once on example inputs, record
 every weight quantization Qwix performs, and replay it with the public
 ``qwix.quantize`` inside the levels function. At construction the replay is
 checked against the integers Qwix produced in that pass.
+
+Stacked layers (a scan over layers: ``nnx.vmap`` creates one parameter of shape
+``(L, ...)`` per weight kind, ``nnx.scan`` applies one slice per layer) are
+quantized by Qwix one slice at a time; the replay is then the per-slice
+quantization mapped over the layer axis, and TALR can give every layer its own
+rate with the ``layer_axes`` of :class:`QwixLevelsFn`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 from flax import linen as nn
@@ -21,129 +27,215 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import qwix
 
+from talr_optax import _tree
+from talr_optax.quantizers import LEVEL_DTYPE
 from talr_optax.qwix import _internals
 
-__all__ = ["QwixWeight", "quantized_weights", "levels_fn_from_qwix"]
-
-Path = tuple[Hashable, ...]
-
-# Levels of weights with at most 8 bits fit int8 (as in talr_optax.quantizers).
-LEVEL_DTYPE = jnp.int8
+__all__ = ["QwixLevelsFn", "QwixWeight", "quantized_weights", "levels_fn_from_qwix"]
 
 
 class QwixWeight(NamedTuple):
   """How Qwix quantizes one parameter in the forward pass.
 
   Attributes:
-    path: keys of the parameter in the params pytree, e.g. ``("fc1", "kernel")``.
-    shape: shape of the parameter.
+    path: the parameter's path in the params pytree, e.g. ``"fc1/kernel"``
+      (the same string Qwix's ``module_path`` rules match, plus the name).
+    shape: shape of the parameter (with the layer axis, if stacked).
     dtype: dtype of the array Qwix quantizes: the parameter's dtype, or the
       layer's computation dtype if the layer casts the weight first.
     qtype: Qwix's quantized type, e.g. ``"int2"``, ``jnp.int4``, ``jnp.int8``.
     channelwise_axes: axes with one scale per index (e.g. the output channel
-      of a ``Linear`` kernel).
-    tiled_axes: ``(axis, tile_size)`` pairs of subchannel axes.
+      of a ``Linear`` kernel); axes of one layer slice if stacked.
+    tiled_axes: ``(axis, tile_size)`` pairs of subchannel axes (of one layer
+      slice if stacked).
     calibration_method: e.g. ``"absmax"`` or ``"fixed,-0.3,0.3"``.
+    layer_axis: for a stacked parameter that a scan over layers slices, the
+      axis of the layers (Qwix quantizes each slice on its own); ``None``
+      for a parameter Qwix quantizes whole.
   """
 
-  path: Path
+  path: str
   shape: tuple[int, ...]
   dtype: Any
   qtype: Any
   channelwise_axes: tuple[int, ...]
   tiled_axes: tuple[tuple[int, int | float], ...]
   calibration_method: str
+  layer_axis: int | None = None
 
-  def levels(self, w: jax.Array) -> jax.Array:
-    """Integer levels (int8) that Qwix's forward pass uses for the weight ``w``."""
-    q = qwix.quantize(
+  def quantize(self, w: jax.Array) -> Any:
+    """Qwix's ``QArray`` of one array as the op quantizes it (a layer slice if stacked)."""
+    return qwix.quantize(
         jnp.asarray(w).astype(self.dtype),
         self.qtype,
         channelwise_axes=self.channelwise_axes,
         tiled_axes=dict(self.tiled_axes),
         calibration_method=self.calibration_method,
     )
+
+  def levels(self, w: jax.Array) -> jax.Array:
+    """Integer levels (int8) that Qwix's forward pass uses for the weight ``w``.
+
+    Args:
+      w: the parameter, of shape ``shape``.
+
+    Returns:
+      An int8 array of shape ``shape``; for a stacked parameter, each layer
+      slice quantized on its own, as Qwix does inside the scan.
+    """
     # int2/int4 come as native int4 arrays, nf4 as uint4 bucket indices; one
     # dtype for all keeps the optimizer state uniform.
-    return q.qvalue.astype(LEVEL_DTYPE)
+    levels = lambda x: self.quantize(x).qvalue.astype(LEVEL_DTYPE)
+    if self.layer_axis is None:
+      return levels(w)
+    return jax.vmap(levels, in_axes=self.layer_axis, out_axes=self.layer_axis)(w)
 
 
-def _key_name(key: Any) -> Hashable:
-  """The plain key inside a ``jax.tree_util`` path entry."""
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return key
+class QwixLevelsFn:
+  """The ``levels_fn`` of a Qwix QAT model (see :func:`levels_fn_from_qwix`).
 
+  Call it on params to get the levels; pass :meth:`layer_axes` as the core's
+  ``layer_axes`` to give each layer of a stacked weight its own rate.
 
-def _is_node_leaf(x: Any) -> bool:
-  """Leaves of a params tree: boxed values, None and masked-out entries."""
-  return (
-      x is None
-      or isinstance(x, (nnx.Variable, nn.meta.AxisMetadata, optax.MaskedNode))
-  )
-
-
-def _unbox(x: Any) -> Any:
-  """The array inside an ``nnx.Variable`` or Linen ``AxisMetadata`` box."""
-  if isinstance(x, nnx.Variable):
-    return x.get_value()
-  if isinstance(x, nn.meta.AxisMetadata):
-    return x.unbox()
-  return x
-
-
-def _flatten(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
-  """``(path, leaf)`` pairs with plain-key paths, stopping at boxed values."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node_leaf)
-  return [(tuple(_key_name(k) for k in p), leaf) for p, leaf in leaves], treedef
-
-
-def _path_str(path: Path) -> str:
-  return "/".join(map(str, path))
-
-
-def _identify(operand: Any, params: list[tuple[Path, jax.Array]]) -> Path | None:
-  """The parameter that ``operand`` is, or None for an activation.
-
-  A weight reaches Qwix either as the parameter array itself or cast to the
-  layer's computation dtype, so identity is tried first, then equal values.
+  Attributes:
+    weights: the quantized parameters, ``{path: QwixWeight}``.
   """
+
+  def __init__(self, weights: Mapping[str, QwixWeight]):
+    self.weights = dict(weights)
+    # Compiled even when called eagerly (nnx.Optimizer's init): a weight on a
+    # rounding tie (with absmax calibration, the negative extreme of each
+    # channel) may round differently in op-by-op and compiled code, and init
+    # and update must agree or the first update counts spurious transitions.
+    self._levels = {path: jax.jit(w.levels) for path, w in self.weights.items()}
+
+  def __repr__(self) -> str:
+    return f"QwixLevelsFn({', '.join(self.weights)})"
+
+  def __call__(self, params: Any) -> Any:
+    """Int8 levels of every quantized weight in ``params``, ``None`` elsewhere.
+
+    Args:
+      params: the params pytree of the model (see :func:`levels_fn_from_qwix`),
+        with plain or boxed (``nnx.Variable``, Linen ``AxisMetadata``) leaves;
+        ``None`` and ``optax.MaskedNode`` leaves give ``None``.
+
+    Returns:
+      A pytree with the containers of ``params``.
+
+    Raises:
+      ValueError: if ``params`` holds none of the quantized weights, or one of
+        another shape (they do not belong to the model).
+    """
+    return self._map(params, lambda weight, w: self._levels[weight.path](w))
+
+  def layer_axes(self, params: Any) -> Any:
+    """The core's ``layer_axes`` for ``params``: the layer axis of each stacked weight.
+
+    Args:
+      params: as for ``__call__``.
+
+    Returns:
+      A pytree with the containers of ``params``: for each quantized weight
+      that a scan over layers slices, its layer axis (usually 0); ``None``
+      elsewhere (weights Qwix quantizes whole, unquantized leaves).
+
+    Raises:
+      ValueError: as for ``__call__``.
+    """
+    return self._map(params, lambda weight, w: weight.layer_axis)
+
+  def _map(self, params: Any, fn: Callable[[QwixWeight, jax.Array], Any]) -> Any:
+    """``fn(weight, array)`` at each quantized leaf, ``None`` elsewhere.
+
+    The checks only look at paths and shapes, which are static: eager and
+    jitted calls behave the same.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_tree.is_leaf)
+    out, found = [], False
+    for keypath, leaf in leaves:
+      path = _tree.path_str(keypath)
+      weight = self.weights.get(path)
+      found = found or weight is not None
+      if weight is None or _tree.is_none_or_masked(leaf):
+        out.append(None)
+        continue
+      w = _tree.unbox(leaf)
+      if tuple(w.shape) != weight.shape:
+        raise ValueError(
+            f"params['{path}'] has shape {tuple(w.shape)}, but Qwix quantizes a "
+            f"weight of shape {weight.shape} there: these params do not belong to "
+            "the model given to levels_fn_from_qwix."
+        )
+      out.append(fn(weight, w))
+    if not found:
+      raise ValueError(
+          "params hold none of the weights Qwix quantizes "
+          f"({', '.join(self.weights)}); got paths like "
+          f"{[_tree.path_str(p) for p, _ in leaves[:3]]}. Pass the params the "
+          "optimizer sees: nnx.state(qt_model, nnx.Param) for NNX, "
+          "variables['params'] (not the whole variables) for Linen."
+      )
+    return treedef.unflatten(out)
+
+
+def _slice_axes(shape: tuple[int, ...], slice_shape: tuple[int, ...]) -> list[int]:
+  """The axes of ``shape`` whose removal leaves ``slice_shape``."""
+  return [
+      a for a in range(len(shape))
+      if len(shape) == len(slice_shape) + 1 and shape[:a] + shape[a + 1 :] == slice_shape
+  ]
+
+
+def _equal(a: jax.Array, b: jax.Array) -> bool:
+  return a.shape == b.shape and bool(jnp.array_equal(a.astype(b.dtype), b))
+
+
+def _traced_layer_of(operand: Any, params: list[tuple[str, jax.Array]]) -> list[str]:
+  """Stacked parameters that a traced ``operand`` has the shape of one layer of."""
+  if not isinstance(operand, jax.core.Tracer) or operand.ndim < 2:
+    return []
+  return [path for path, array in params if _slice_axes(array.shape, operand.shape)]
+
+
+def _identify(
+    call: _internals.QuantizeCall, params: list[tuple[str, jax.Array]]
+) -> tuple[str, int | None, int | None] | None:
+  """``(path, layer axis, layer)`` of the parameter ``call`` quantized, or None.
+
+  A weight reaches Qwix as the parameter array itself, cast to the layer's
+  computation dtype, or (in an unrolled scan over layers) as one slice of a
+  stacked parameter, so identity is tried first, then equal values. None
+  means an activation.
+  """
+  operand = call.operand
   for path, array in params:
     if array is operand:
-      return path
+      return path, None, None
   if isinstance(operand, jax.core.Tracer):
-    # Under a transformation inside the model (vmap over the batch, scan over
-    # layers) values are unknown. Parameters are concrete in the eager pass,
-    # so a traced operand is an activation, unless it looks like one slice of
-    # a stacked weight (nnx.scan over layers), which we cannot replay.
-    for path, array in params:
-      if operand.ndim >= 2 and array.shape[1:] == operand.shape:
-        raise NotImplementedError(
-            "Qwix quantized a traced array shaped like one slice of parameter "
-            f"'{_path_str(path)}' (a scan over stacked layers?); "
-            "levels_fn_from_qwix only supports weights that reach the "
-            "quantized op in the eager forward pass."
-        )
+    # Values are unknown under a transformation inside the model (vmap over
+    # the batch, jit, remat, Linen's shape-tracing pass before its scan).
+    # Parameters are concrete in the eager pass, so this is an activation, or
+    # a layer of a stacked weight that the caller looks for elsewhere.
     return None
   if operand.size and bool(jnp.min(operand) == jnp.max(operand)):
     # A constant array (e.g. zero example inputs) would equal any constant
     # parameter of its shape; only identity is evidence here.
     return None
-  same = [
-      path
-      for path, array in params
-      if array.shape == operand.shape
-      and bool(jnp.array_equal(array.astype(operand.dtype), operand))
-  ]
+  same = [(path, None, None) for path, array in params if _equal(array, operand)]
+  for layer in sorted(set(call.scan_indices)):
+    for path, array in params:
+      for axis in _slice_axes(array.shape, operand.shape):
+        if layer < array.shape[axis] and _equal(jnp.take(array, layer, axis), operand):
+          same.append((path, axis, layer))
   if len(same) > 1:
     raise ValueError(
-        "Qwix quantized an array equal to several parameters "
-        f"({', '.join(_path_str(p) for p in same)}); cannot tell which one. "
-        "Give them different values (e.g. random initialisation) first."
+        "Qwix quantized an array equal to several parameters or layers "
+        f"({', '.join(p if a is None else f'{p}[{i}]' for p, a, i in same)}); "
+        "cannot tell which one. Give them different values (e.g. random "
+        "initialisation) first."
     )
   if same:
     return same[0]
@@ -153,9 +245,9 @@ def _identify(operand: Any, params: list[tuple[Path, jax.Array]]) -> Path | None
         jnp.array_equal(jnp.sort(array.astype(operand.dtype).ravel()), flat)
     ):
       raise NotImplementedError(
-          f"Qwix quantizes a reshaped or transposed view of parameter "
-          f"'{_path_str(path)}'; levels_fn_from_qwix only supports weights "
-          "that reach the quantized op unchanged or cast to another dtype."
+          f"Qwix quantizes a reshaped or transposed view of parameter '{path}'; "
+          "levels_fn_from_qwix only supports weights that reach the quantized "
+          "op unchanged, cast to another dtype, or as one layer of a scan."
       )
   return None
 
@@ -166,8 +258,13 @@ def _qwix_run(
     example_kwargs: dict[str, Any],
     variables: Any,
     method: str | None,
-) -> tuple[list[tuple[Path, jax.Array]], Callable[[], Any]]:
+) -> tuple[list[tuple[str, jax.Array]], Callable[[], Any]]:
   """The float parameters of ``qt_model`` and a function running it once."""
+  if method is not None and not (isinstance(method, str) and hasattr(qt_model, method)):
+    raise ValueError(
+        f"method must be None (__call__) or the name of a method of "
+        f"{type(qt_model).__name__}, got method = {method!r}."
+    )
   if isinstance(qt_model, nnx.Module):
     if variables is not None:
       raise ValueError("variables is only for Linen models; an NNX model holds its own.")
@@ -180,7 +277,7 @@ def _qwix_run(
       return getattr(model, method or "__call__")(*example_inputs, **example_kwargs)
 
   elif isinstance(qt_model, nn.Module):
-    if variables is None or "params" not in variables:
+    if not isinstance(variables, Mapping) or "params" not in variables:
       raise ValueError(
           "A Linen model needs variables=... holding its 'params' collection, "
           "e.g. levels_fn_from_qwix(qt_model, x, variables=variables)."
@@ -202,7 +299,11 @@ def _qwix_run(
         f"{type(qt_model).__name__} is not a Qwix model: pass the model returned "
         "by qwix.quantize_model(model, qwix.QtProvider(rules), *example_inputs)."
     )
-  params = [(p, _unbox(leaf)) for p, leaf in _flatten(params_tree)[0] if leaf is not None]
+  params = [
+      (path, _tree.unbox(leaf))
+      for path, leaf in _tree.leaves_with_paths(params_tree)
+      if leaf is not None
+  ]
   if any(
       hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.integer) for _, a in params
   ):
@@ -212,7 +313,25 @@ def _qwix_run(
         "training: quantize the float model with qwix.QtProvider(rules)."
     )
   params = [(p, a) for p, a in params if isinstance(a, jax.Array)]
-  return params, forward
+  if example_inputs or example_kwargs:
+    return params, forward
+
+  def forward_without_inputs():
+    # A model that takes inputs fails here with its own TypeError about a
+    # missing argument; say what is missing in our terms.
+    try:
+      return forward()
+    except TypeError as e:
+      raise TypeError(
+          f"Running {type(qt_model).__name__} without example inputs failed "
+          f"({e}). The weights Qwix quantizes, and how, are found by running "
+          "the model once: pass the inputs of one forward pass after the model, "
+          "e.g. levels_fn_from_qwix(qt_model, x) (Linen: "
+          "levels_fn_from_qwix(qt_model, x, variables=variables)); keyword "
+          "inputs go as keyword arguments."
+      ) from e
+
+  return params, forward_without_inputs
 
 
 def quantized_weights(
@@ -221,11 +340,12 @@ def quantized_weights(
     variables: Any = None,
     method: str | None = None,
     **example_kwargs: Any,
-) -> dict[Path, QwixWeight]:
+) -> dict[str, QwixWeight]:
   """Which parameters Qwix quantizes in the forward pass, and how.
 
   Runs ``qt_model`` once, eagerly, on the example inputs (the forward pass is
-  run on a copy of an NNX model, so its state is left unchanged).
+  run on a copy of an NNX model, so its state is left unchanged; scans over
+  layers are unrolled for this pass).
 
   Args:
     qt_model: a model returned by ``qwix.quantize_model`` with a
@@ -238,29 +358,36 @@ def quantized_weights(
     **example_kwargs: keyword inputs for the forward pass.
 
   Returns:
-    A dict from parameter path (keys of the params pytree) to
-    :class:`QwixWeight`, in the order Qwix quantized them.
+    A dict from parameter path (e.g. ``"fc1/kernel"``) to :class:`QwixWeight`,
+    in the order Qwix first quantized them.
 
   Raises:
-    TypeError, ValueError: if ``qt_model`` is not a Qwix QAT model, or Qwix
-      quantized no weight.
+    TypeError: if ``qt_model`` is not a Flax module, or the forward pass
+      without example inputs fails (they are needed).
+    ValueError: if ``qt_model`` is not a Qwix QAT model, ``variables`` or
+      ``method`` do not fit it, Qwix quantized no weight, or quantized one
+      weight in two ways.
     NotImplementedError: if Qwix quantizes something that levels cannot be
-      replayed for (a reshaped weight, stochastic rounding, a float qtype).
+      replayed for (a reshaped weight, stochastic rounding, a float qtype,
+      stacked layers in a scan that cannot be unrolled).
     RuntimeError: if the replay does not reproduce Qwix's integers (a Qwix
       release changed its quantization).
   """
   params, forward = _qwix_run(qt_model, example_inputs, example_kwargs, variables, method)
   calls = _internals.record_quantize_calls(forward)
   by_path = dict(params)
-  weights: dict[Path, QwixWeight] = {}
-  qvalues: dict[Path, Any] = {}
+  weights: dict[str, QwixWeight] = {}
+  # path -> {layer (None if not stacked): the integers Qwix used}
+  qvalues: dict[str, dict[int | None, Any]] = {}
+  traced_layers: set[str] = set()
   for call in calls:
-    path = _identify(call.operand, params)
-    if path is None:
+    traced_layers.update(_traced_layer_of(call.operand, params))
+    found = _identify(call, params)
+    if found is None:
       continue  # an activation
-    name = _path_str(path)
+    path, layer_axis, layer = found
     if call.stochastic:
-      raise NotImplementedError(f"Qwix quantizes '{name}' with stochastic rounding.")
+      raise NotImplementedError(f"Qwix quantizes '{path}' with stochastic rounding.")
     weight = QwixWeight(
         path=path,
         shape=tuple(by_path[path].shape),
@@ -269,14 +396,24 @@ def quantized_weights(
         channelwise_axes=call.channelwise_axes,
         tiled_axes=call.tiled_axes,
         calibration_method=call.calibration_method,
+        layer_axis=layer_axis,
     )
     if path in weights and weights[path] != weight:
       raise ValueError(
-          f"Qwix quantizes '{name}' in two ops in different ways "
+          f"Qwix quantizes '{path}' in two ops in different ways "
           f"({weights[path]} and {weight}); its levels are not unique."
       )
     weights[path] = weight
-    qvalues.setdefault(path, call.qvalue)
+    qvalues.setdefault(path, {}).setdefault(layer, call.qvalue)
+  hidden = sorted(traced_layers - set(weights))
+  if hidden:
+    raise NotImplementedError(
+        "Qwix quantized a traced array shaped like one layer of stacked "
+        f"parameter(s) {hidden}: a scan over layers inside jax.jit, nnx.remat, "
+        "or a loop other than jax.lax.scan? levels_fn_from_qwix unrolls "
+        "jax.lax.scan (which nnx.scan and nn.scan use) for its recording pass; "
+        "other transformations hide the weight's values from it."
+    )
   if not weights:
     raise ValueError(
         "Qwix quantized no weight in the forward pass on the example inputs: "
@@ -284,22 +421,38 @@ def quantized_weights(
         "weight_qtype, and that qt_model comes from qwix.QtProvider."
     )
   for path, weight in weights.items():
+    _check_all_layers(weight, qvalues[path])
     _check_replay(weight, by_path[path], qvalues[path])
   return weights
 
 
-def _check_replay(weight: QwixWeight, param: jax.Array, qvalue: Any) -> None:
-  """Fails unless ``weight.levels`` reproduces the integers Qwix used."""
-  name = _path_str(weight.path)
+def _check_all_layers(weight: QwixWeight, qvalues: dict[int | None, Any]) -> None:
+  """Fails unless Qwix quantized every layer of a stacked weight."""
+  if weight.layer_axis is None:
+    return
+  layers = weight.shape[weight.layer_axis]
+  missing = sorted(set(range(layers)) - set(qvalues))
+  if missing:
+    raise ValueError(
+        f"Qwix quantized only some layers of the stacked parameter '{weight.path}' "
+        f"(not layers {missing} of {layers}); levels_fn_from_qwix needs a forward "
+        "pass that uses every layer."
+    )
+
+
+def _check_replay(weight: QwixWeight, param: jax.Array, qvalues: dict[int | None, Any]) -> None:
+  """Fails unless replaying ``weight`` reproduces the integers Qwix used.
+
+  Each recorded array (the weight, or one layer slice of a stacked weight) is
+  replayed on its own, op by op as in Qwix's eager pass, so that only the
+  recorded quantization (qtype, axes, calibration) is compared, not how
+  compiled code rounds values on a tie.
+  """
+  slices = {None: param} if weight.layer_axis is None else {
+      i: jnp.take(param, i, axis=weight.layer_axis) for i in qvalues}
   qdtype = jax.eval_shape(
-      lambda w: qwix.quantize(
-          w,
-          weight.qtype,
-          channelwise_axes=weight.channelwise_axes,
-          tiled_axes=dict(weight.tiled_axes),
-          calibration_method=weight.calibration_method,
-      ).qvalue,
-      jax.ShapeDtypeStruct(param.shape, weight.dtype),
+      lambda w: weight.quantize(w).qvalue,
+      jax.ShapeDtypeStruct(slices[next(iter(qvalues))].shape, weight.dtype),
   ).dtype
   # Signed codes of up to 8 bits and unsigned ones (nf4 bucket indices) of up
   # to 7 bits are exactly representable in int8.
@@ -308,17 +461,19 @@ def _check_replay(weight: QwixWeight, param: jax.Array, qvalue: Any) -> None:
   )
   if not fits:
     raise NotImplementedError(
-        f"Qwix quantizes '{name}' to {weight.qtype!r} (stored as {qdtype}); "
+        f"Qwix quantizes '{weight.path}' to {weight.qtype!r} (stored as {qdtype}); "
         "TALR levels need integer codes that fit int8 (int2 ... int8, nf4)."
     )
-  if qvalue is None or not bool(
-      jnp.array_equal(weight.levels(param), jnp.asarray(qvalue).astype(LEVEL_DTYPE))
-  ):
-    raise RuntimeError(
-        f"Replaying Qwix's quantization of '{name}' ({weight}) does not give "
-        f"the integers Qwix used in its forward pass (qwix {qwix.__version__}). "
-        "talr_optax.qwix needs updating for this Qwix release."
-    )
+  for i, qvalue in qvalues.items():
+    if qvalue is None or not bool(jnp.array_equal(
+        weight.quantize(slices[i]).qvalue.astype(LEVEL_DTYPE),
+        jnp.asarray(qvalue).astype(LEVEL_DTYPE))):
+      where = "" if i is None else f" (layer {i})"
+      raise RuntimeError(
+          f"Replaying Qwix's quantization of '{weight.path}'{where} ({weight}) "
+          "does not give the integers Qwix used in its forward pass (qwix "
+          f"{qwix.__version__}). talr_optax.qwix needs updating for this Qwix release."
+      )
 
 
 def levels_fn_from_qwix(
@@ -327,32 +482,43 @@ def levels_fn_from_qwix(
     variables: Any = None,
     method: str | None = None,
     **example_kwargs: Any,
-) -> Callable[[Any], Any]:
+) -> QwixLevelsFn:
   """Builds a ``levels_fn`` for :func:`talr_optax.scale_by_talr` from a Qwix QAT model.
 
   The levels are exactly the integers Qwix's forward pass uses for every
   weight it quantizes (any rule: per channel, per tensor, tiled, any integer
   qtype and calibration), so TALR counts the transitions the quantized
-  network actually makes.
+  network actually makes. Weights of stacked layers (``nnx.vmap`` to create,
+  ``nnx.scan`` to apply; Linen ``nn.scan``) get one level array of the
+  stacked shape, each layer quantized on its own as Qwix does; pass
+  ``layer_axes=levels_fn.layer_axes`` to the optimizer to give each layer
+  its own rate.
 
   Args:
     qt_model: a model returned by ``qwix.quantize_model(model,
       qwix.QtProvider(rules), *example_inputs)``: an ``nnx.Module``, or a
       ``linen.Module`` together with ``variables``.
     *example_inputs: positional inputs for one eager forward pass (the ones
-      given to ``qwix.quantize_model`` will do).
+      given to ``qwix.quantize_model`` will do). Required unless the model
+      takes none.
     variables: Linen only: the model's variables; the levels function is then
       over ``variables["params"]``.
     method: name of the method to run (default ``__call__``).
     **example_kwargs: keyword inputs for the forward pass.
 
   Returns:
-    ``levels_fn(params)``: for NNX, ``params`` is the ``nnx.Param`` state
-    ``nnx.Optimizer(qt_model, tx, wrt=nnx.Param)`` gives the optimizer, with
-    ``nnx.Variable`` leaves (at ``init``) or plain arrays (at ``update``); for
-    Linen, the params collection. Returns a pytree with the same containers:
-    int8 levels for every quantized weight and None for every other leaf
-    (also for ``optax.MaskedNode`` leaves). Jit-safe.
+    A :class:`QwixLevelsFn` ``levels_fn``; ``levels_fn(params)``: for NNX,
+    ``params`` is the ``nnx.Param`` state ``nnx.Optimizer(qt_model, tx,
+    wrt=nnx.Param)`` gives the optimizer, with ``nnx.Variable`` leaves (at
+    ``init``) or plain arrays (at ``update``); for Linen, the params
+    collection. It returns a pytree with the same containers: int8 levels for
+    every quantized weight and None for every other leaf (also for
+    ``optax.MaskedNode`` leaves). Jit-safe; no host read-backs. The levels
+    are always computed by compiled code, so eager and jitted calls agree.
+    (A weight exactly on a rounding tie, as Qwix's ``absmax`` calibration
+    puts the negative extreme of each channel, may round one level apart in
+    compiled and op-by-op code; ``qwix.quantize`` itself differs there
+    between eager and jitted calls in the same way.)
 
   Raises:
     See :func:`quantized_weights`.
@@ -360,29 +526,11 @@ def levels_fn_from_qwix(
   Example:
     >>> qt_model = qwix.quantize_model(model, qwix.QtProvider(rules), x)
     >>> levels_fn = levels_fn_from_qwix(qt_model, x)
-    >>> tx = talr_optax.sgdt(0.1, 5e-3, levels_fn)
+    >>> tx = talr_optax.sgdt(0.1, 5e-3, levels_fn, layer_axes=levels_fn.layer_axes)
     >>> optimizer = nnx.Optimizer(qt_model, tx, wrt=nnx.Param)
   """
-  weights = quantized_weights(
-      qt_model, *example_inputs, variables=variables, method=method, **example_kwargs
+  return QwixLevelsFn(
+      quantized_weights(
+          qt_model, *example_inputs, variables=variables, method=method, **example_kwargs
+      )
   )
-
-  def levels_fn(params: Any) -> Any:
-    leaves, treedef = _flatten(params)
-    out = []
-    for path, leaf in leaves:
-      weight = weights.get(path)
-      if weight is None or leaf is None or isinstance(leaf, optax.MaskedNode):
-        out.append(None)
-        continue
-      w = _unbox(leaf)
-      if tuple(w.shape) != weight.shape:
-        raise ValueError(
-            f"params['{_path_str(path)}'] has shape {tuple(w.shape)}, but Qwix "
-            f"quantizes a weight of shape {weight.shape} there: these params do "
-            "not belong to the model given to levels_fn_from_qwix."
-        )
-      out.append(weight.levels(w))
-    return treedef.unflatten(out)
-
-  return levels_fn

@@ -4,13 +4,18 @@ By default Qwix QAT recomputes each weight's scale from the current weights in
 every forward pass (``absmax`` per output channel). A level then also changes
 when the scale moves, without the weight crossing a transition point, and TALR
 would adapt the learning rate to transitions the learning rate did not cause.
-The paper freezes one step size per layer, ``s = 3 * std(w)`` of the pretrained
-weights (``METHOD.md`` section 2). Qwix can do the same with a fixed calibration
+The paper (Lee et al., 2025) freezes one step size per layer,
+``s = 3 * std(w)`` of the pretrained weights. Qwix can do the same with a fixed calibration
 range, ``weight_calibration_method = "fixed,-A,A"``: its scale is then the
 constant ``A / (2^(b-1) - 0.5)``, and its levels
 ``clip(round(w / scale), -2^(b-1), 2^(b-1) - 1)`` are the paper's
 ``round(clip(2^(b-1) * w / s, -2^(b-1), 2^(b-1) - 1))`` when
 ``scale = s / 2^(b-1)``, i.e. ``A = (1 - 2^-b) * s``.
+
+A fixed range belongs to a rule, and a rule to a module path. The layers of a
+scan over stacked layers share one module path, so they share one frozen range:
+the nearest Qwix can express to a per-layer step size is one step size per
+stacked weight, from the spread of all its layers.
 """
 
 from __future__ import annotations
@@ -27,10 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
-from talr_optax.qwix.levels import Path
-from talr_optax.qwix.levels import _flatten
-from talr_optax.qwix.levels import _path_str
-from talr_optax.qwix.levels import _unbox
+from talr_optax import _checks
+from talr_optax import _tree
 from talr_optax.qwix.levels import quantized_weights
 
 __all__ = ["frozen_scale_rules", "frozen_step_size"]
@@ -104,48 +107,61 @@ def _fixed_bound(step: float, bits: int, qtype: Any, dtype: Any) -> tuple[float,
   )
 
 
+def _guess_weights(params: Any) -> dict[str, list[tuple[str, jax.Array]]]:
+  """Module path -> ``[(param name, weight)]`` without running the model.
+
+  The weight of a module is its parameter with the most dimensions, if it has
+  at least 2: a kernel, not a bias or a norm's scale (vectors, or matrices
+  under a stacked kernel of 3 dimensions). Ties are kept; the caller reports
+  them.
+  """
+  by_module: dict[str, list[tuple[str, jax.Array]]] = {}
+  for path, leaf in _tree.leaves_with_paths(params):
+    value = _tree.unbox(leaf)
+    if getattr(value, "ndim", 0) >= 2:
+      module_path, _, name = path.rpartition("/")
+      by_module.setdefault(module_path, []).append((name, value))
+  return {
+      module_path: [(n, w) for n, w in weights if w.ndim == max(v.ndim for _, v in weights)]
+      for module_path, weights in by_module.items()
+  }
+
+
 def _weights_by_module(
     model: Any,
     rules: Sequence[qwix.QtRule],
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any],
-) -> dict[Path, list[tuple[Any, jax.Array]]]:
+) -> dict[str, list[tuple[str, jax.Array]]]:
   """Module path -> ``[(param name, weight)]`` of the weights to freeze."""
-  found: dict[Path, list[tuple[Any, jax.Array]]] = {}
   if isinstance(model, nnx.Module):
-    if example_inputs or example_kwargs:
-      # Exact: the weights Qwix quantizes under the user's rules.
-      state = dict(_flatten(nnx.state(model, nnx.Param))[0])
-      qt_model = qwix.quantize_model(
-          model, qwix.QtProvider(rules), *example_inputs, **example_kwargs
-      )
-      for path in quantized_weights(qt_model, *example_inputs, **example_kwargs):
-        found.setdefault(path[:-1], []).append((path[-1], _unbox(state[path])))
-      return found
-    # Without inputs: the matrices and kernels a module holds itself (biases
-    # and normalisation parameters are vectors and Qwix never quantizes them).
-    for path, module in nnx.iter_modules(model):
-      for name, node in vars(module).items():
-        if isinstance(node, nnx.Param):
-          value = node.get_value()
-          if getattr(value, "ndim", 0) >= 2:
-            found.setdefault(tuple(path), []).append((name, value))
+    params = nnx.state(model, nnx.Param)
+    if not (example_inputs or example_kwargs):
+      return _guess_weights(params)
+    # Exact: the weights Qwix quantizes under the user's rules.
+    values = {path: _tree.unbox(leaf) for path, leaf in _tree.leaves_with_paths(params)}
+    qt_model = qwix.quantize_model(
+        model, qwix.QtProvider(rules), *example_inputs, **example_kwargs
+    )
+    found: dict[str, list[tuple[str, jax.Array]]] = {}
+    for path in quantized_weights(qt_model, *example_inputs, **example_kwargs):
+      module_path, _, name = path.rpartition("/")
+      found.setdefault(module_path, []).append((name, values[path]))
     return found
   if isinstance(model, Mapping):
     if example_inputs or example_kwargs:
       raise ValueError(
           "example inputs are only used with NNX models; for Linen pass the "
-          "params collection alone."
+          "variables or their params collection alone."
       )
     # Linen: the params collection nests by module path, as Qwix's rules do.
-    for path, leaf in _flatten(model)[0]:
-      value = _unbox(leaf)
-      if getattr(value, "ndim", 0) >= 2:
-        found.setdefault(path[:-1], []).append((path[-1], value))
-    return found
+    # Accept the whole variables too: their paths would start with "params/"
+    # and match no rule.
+    params = model["params"] if isinstance(model.get("params"), Mapping) else model
+    return _guess_weights(params)
   raise TypeError(
-      "model must be the float nnx.Module or a Linen params collection "
-      f"(a mapping), got {type(model).__name__}."
+      "model must be the float nnx.Module, or the variables or params "
+      f"collection (a mapping) of a Linen model, got {type(model).__name__}."
   )
 
 
@@ -162,11 +178,17 @@ def frozen_scale_rules(
   starts with copies of the rules that match that layer, restricted to its
   exact module path and, for rules with a ``weight_qtype``, with
   ``weight_calibration_method = "fixed,-A,A"`` chosen so that Qwix's levels
-  are the paper's quantizer (``METHOD.md`` section 2) with the step size
-  ``s = num_std * std(w)`` of the layer's current weights: for 2-bit weights
-  ``round(clip(2 * w / s, -2, 1))`` on every weight. The user's rules follow
-  unchanged, so everything else they configure (activations, other layers,
-  tiles, backward pass) is kept.
+  are the paper's quantizer with the step size ``s = num_std * std(w)`` of the
+  layer's current weights: for 2-bit weights ``round(clip(2 * w / s, -2, 1))``
+  on every weight. The user's rules follow unchanged, so everything else they
+  configure (activations, other layers, tiles, backward pass) is kept.
+
+  Stacked layers (one parameter of shape ``(L, ...)`` applied by a scan over
+  layers) share one module path, and a Qwix rule matches a module path with
+  one fixed range: Qwix cannot give each layer slice its own frozen range. A
+  stacked weight therefore gets one frozen step size for all its layers,
+  ``s = num_std * std`` of all its layers' weights together; every layer's
+  levels are the paper's quantizer with that ``s``.
 
   ``s`` is rounded to ``24 - b`` significant bits (float32 weights) so that
   Qwix's float arithmetic reproduces it exactly; :func:`frozen_step_size`
@@ -174,12 +196,13 @@ def frozen_scale_rules(
 
   Args:
     model: the full-precision model, before ``qwix.quantize_model``: an
-      ``nnx.Module``, or the ``params`` collection of a Linen model.
+      ``nnx.Module``, or a Linen model's variables or their ``params``
+      collection.
     rules: the user's ``qwix.QtRule`` list (first match wins, as in Qwix).
     *example_inputs: optional, NNX only: inputs for one forward pass. With
       them the weights to freeze are the ones Qwix actually quantizes; without
-      them, every parameter of at least 2 dimensions that a matching module
-      holds directly (one per module).
+      them, a module's weight is its parameter with the most dimensions (at
+      least 2), which must be unique in a module a rule quantizes.
     num_std: step size in standard deviations of the layer's weights
       (the paper: 3).
     **example_kwargs: keyword inputs for the forward pass.
@@ -188,30 +211,30 @@ def frozen_scale_rules(
     A list of ``qwix.QtRule`` for ``qwix.QtProvider``.
 
   Raises:
-    ValueError: for a non-positive ``num_std``, a non-integer weight qtype,
-      weights with zero spread, or a matching module holding several weight
-      matrices (one rule per module cannot give each its own scale).
+    TypeError: if ``model`` is neither an ``nnx.Module`` nor a mapping.
+    ValueError: for a ``num_std`` that is not a positive number, a non-integer
+      weight qtype, weights with zero spread, a matching module holding
+      several weights of the same rank (one rule per module cannot give each
+      its own scale), or rules that quantize no weight of ``model``.
   """
-  if isinstance(num_std, bool) or not isinstance(num_std, (int, float)) or not (
-      math.isfinite(num_std) and num_std > 0
-  ):
-    raise ValueError(f"num_std must be a positive finite number, got num_std = {num_std!r}.")
+  _checks.check_number(
+      "num_std", num_std, 0.0, math.inf, low_open=True, high_open=True,
+      owner="frozen_scale_rules",
+  )
   rules = list(rules)
   frozen: list[qwix.QtRule] = []
-  for module_path, weights in _weights_by_module(
-      model, rules, example_inputs, example_kwargs
-  ).items():
-    name = _path_str(module_path)
+  weights_by_module = _weights_by_module(model, rules, example_inputs, example_kwargs)
+  for name, weights in weights_by_module.items():
     matching = [r for r in rules if re.fullmatch(r.module_path, name)]
     if not any(r.weight_qtype is not None for r in matching):
       continue
     if len(weights) > 1:
       raise ValueError(
-          f"Module '{name}' holds several weight matrices "
+          f"Module '{name}' holds several weights "
           f"({', '.join(str(n) for n, _ in weights)}); a Qwix rule selects a "
           "module, so one frozen range cannot match each one's std. Pass "
-          "example inputs (NNX) so that only the quantized one is used, or "
-          "split the module."
+          "example inputs (NNX) so that only the quantized one is used, "
+          "narrow the rule's module_path, or split the module."
       )
     _, w = weights[0]
     step = float(num_std * jnp.std(jnp.asarray(w, jnp.float32)))
@@ -230,6 +253,13 @@ def frozen_scale_rules(
               rule, module_path=exact, weight_calibration_method=_fixed_method(bound)
           )
       )
+  if not frozen:
+    weight_rules = [r.module_path for r in rules if r.weight_qtype is not None]
+    raise ValueError(
+        "No rule with a weight_qtype matches a module of model, so nothing "
+        f"would be frozen. Rule module_paths: {weight_rules}; modules with "
+        f"weights: {sorted(weights_by_module)[:8]}."
+    )
   return frozen + rules
 
 

@@ -1,0 +1,178 @@
+"""Oscillation tracking: how often quantized weights flip back and forth.
+
+A weight *oscillates* at an update when its integer level changes in the
+direction opposite to its previous change (Nagel et al., 2022). Every weight
+keeps the direction of its last change and an exponential moving average of
+its oscillations, its *oscillation frequency*. TALR's claim is that scheduling
+the transition rate damps oscillations late in training; this monitor
+measures that directly, next to a baseline.
+
+Like :func:`talr_optax.track_transitions` it is the last stage of a chain and
+measures the changes the final updates cause; it leaves the updates
+unchanged. It is opt-in because it keeps per-weight state: 3 bytes per
+tracked weight (an int8 direction and a float16 frequency), or only for a
+fixed sample with ``sample_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from talr_optax import _checks
+from talr_optax import _layout
+from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
+from talr_optax.counting import take_sample
+
+__all__ = ["TrackOscillationsState", "track_oscillations"]
+
+# A frequency is an EMA of 0/1 events; float16 keeps it within about 0.5 %
+# (random rounding, contracted by the EMA) at half the bytes of float32.
+_FREQUENCY_DTYPE = jnp.float16
+_DIRECTION_DTYPE = jnp.int8
+
+
+class TrackOscillationsState(NamedTuple):
+  """State of :func:`track_oscillations` after update ``n``.
+
+  Attributes:
+    last_direction: per tracked weight, the sign (-1, 0, +1) of its last level
+      change (int8), shaped like the params (``None`` elsewhere).
+    oscillation_frequency: per tracked weight, the EMA of its oscillations
+      (float16).
+    mean_oscillation_frequency: float32 vector, the mean frequency of each
+      rate group (a tensor, or a layer of a stacked tensor).
+    oscillating_fraction: float32 vector, the fraction of each group's
+      weights whose frequency is above ``threshold``.
+    oscillation_rate: float32 vector, the fraction of each group's weights
+      that oscillated at update ``n``.
+    rate_names: the name of each entry of the vectors (static).
+  """
+
+  last_direction: Any
+  oscillation_frequency: Any
+  mean_oscillation_frequency: jax.Array
+  oscillating_fraction: jax.Array
+  oscillation_rate: jax.Array
+  rate_names: RateNames
+
+
+def track_oscillations(
+    levels_fn: LevelsFn,
+    *,
+    momentum: float = 0.99,
+    threshold: float = 0.02,
+    layer_axes: Any = None,
+    sample_size: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Measures weight oscillations per quantized tensor; leaves updates unchanged.
+
+  For update ``n`` and each tracked weight with levels ``w_d(p_n)`` before and
+  ``w_d(p_n + u_n)`` after it:
+
+  * ``d_n = sign(w_d(p_n + u_n) - w_d(p_n))``, its direction of change;
+  * it oscillates (``o_n = 1``) when ``d_n = -last`` where ``last`` is the
+    direction of its previous change (0 before any change);
+  * ``f_(n+1) = m f_n + (1 - m) o_n``, its oscillation frequency.
+
+  Per rate group the state holds the mean of ``f``, the fraction of weights
+  with ``f > threshold`` and the fraction that oscillated at this update;
+  :func:`talr_optax.metrics` reports them as
+  ``mean_oscillation_frequency/<name>``, ``oscillating_fraction/<name>`` and
+  ``oscillation_rate/<name>``.
+
+  Args:
+    levels_fn: as in :func:`talr_optax.scale_by_talr`.
+    momentum: EMA momentum ``m`` of the frequency, in ``[0, 1)`` (0.99, as in
+      Nagel et al.'s tracking, weighs the last ~100 updates).
+    threshold: the frequency above which a weight counts as oscillating, in
+      ``[0, 1)``. 0.02 means at least two oscillations in about the last
+      ``1 / (1 - m)`` updates.
+    layer_axes: as in :func:`talr_optax.scale_by_talr`.
+    sample_size: as in :func:`talr_optax.scale_by_talr`: track at most this
+      many weights per rate group (on a fixed grid), keeping state for those
+      only.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`TrackOscillationsState`.
+
+  References:
+    Nagel, Fournarakis, Bondarenko, Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
+  """
+  _checks.check_callable("levels_fn", levels_fn, "a function params -> levels")
+  _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+  _checks.check_number("threshold", threshold, 0.0, 1.0, high_open=True)
+  if sample_size is not None:
+    _checks.check_int("sample_size", sample_size, 1)
+
+  def layout_for(params):
+    return _layout.of_shapes(levels_fn, params, layer_axes=layer_axes,
+                             sample_size=sample_size, global_rate=False)
+
+  def per_weight(layout, value, dtype):
+    return layout.treedef.unflatten([
+        None if q is None else jnp.full(q.counted_shape, value, dtype)
+        for q in layout.leaves])
+
+  def init_fn(params):
+    layout = layout_for(params)
+    if not any(q is not None for q in layout.leaves):
+      raise ValueError("levels_fn returned no quantized leaf (only None): nothing to track.")
+    zeros = jnp.zeros((len(layout.names),), RATE_DTYPE)
+    return TrackOscillationsState(
+        last_direction=per_weight(layout, 0, _DIRECTION_DTYPE),
+        oscillation_frequency=per_weight(layout, 0.0, _FREQUENCY_DTYPE),
+        mean_oscillation_frequency=zeros,
+        oscillating_fraction=jnp.zeros_like(zeros),
+        oscillation_rate=jnp.zeros_like(zeros),
+        rate_names=RateNames(layout.names),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(
+          "track_oscillations measures the level changes the update causes, so it"
+          " needs the params: call tx.update(updates, state, params).")
+    layout = layout_for(params)
+    before, _ = _layout.call_levels_fn(levels_fn, params)
+    after, _ = _layout.call_levels_fn(levels_fn, optax.apply_updates(params, updates))
+    last = _layout.match(layout.treedef, state.last_direction, "stored directions")
+    freq = _layout.match(layout.treedef, state.oscillation_frequency, "stored frequencies")
+    new_last, new_freq, flips, freqs = [], [], [], []
+    for q in layout.leaves:
+      if q is None:
+        new_last.append(None)
+        new_freq.append(None)
+        continue
+      old = take_sample(before[q.position], q.strides).astype(jnp.int32)
+      new = take_sample(after[q.position], q.strides).astype(jnp.int32)
+      direction = jnp.sign(new - old).astype(_DIRECTION_DTYPE)
+      prev = last[q.position]
+      oscillated = (direction * prev) == -1
+      f = momentum * freq[q.position].astype(RATE_DTYPE) + (1.0 - momentum) * oscillated
+      new_last.append(jnp.where(direction != 0, direction, prev))
+      new_freq.append(f.astype(_FREQUENCY_DTYPE))
+      flips.append(oscillated)
+      freqs.append(f)
+    return updates, TrackOscillationsState(
+        last_direction=layout.treedef.unflatten(new_last),
+        oscillation_frequency=layout.treedef.unflatten(new_freq),
+        mean_oscillation_frequency=_layout.group_means(layout, freqs),
+        oscillating_fraction=_layout.group_means(layout, [f > threshold for f in freqs]),
+        oscillation_rate=_layout.group_means(layout, flips),
+        rate_names=state.rate_names,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def state_bytes_per_weight() -> int:
+  """Bytes of per-weight state the tracker keeps (direction + frequency)."""
+  return int(np.dtype(_DIRECTION_DTYPE).itemsize + np.dtype(_FREQUENCY_DTYPE).itemsize)

@@ -1,0 +1,117 @@
+"""track_oscillations against a NumPy reference of Nagel et al.'s tracking."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import talr_optax as talr
+from reference import levels as ref_levels
+
+
+class ReferenceOscillations:
+  """Per weight: last change direction, EMA of oscillations (float64)."""
+
+  def __init__(self, shape, momentum):
+    self.last = np.zeros(shape)
+    self.f = np.zeros(shape)
+    self.m = momentum
+    self.flips = np.zeros(shape, bool)
+
+  def observe(self, old, new):
+    d = np.sign(new - old)
+    self.flips = d * self.last == -1
+    self.f = self.m * self.f + (1 - self.m) * self.flips
+    self.last = np.where(d != 0, d, self.last)
+
+
+def test_matches_reference_and_sees_oscillations():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(6, 20)).astype(np.float32)
+  s, m, th = 2.0, 0.9, 0.05
+  params = {"w": jnp.asarray(w), "b": jnp.zeros(3)}
+  levels_fn = talr.levels_fn_from_scales({"w": s, "b": None}, 2)
+  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(levels_fn, momentum=m,
+                                                           threshold=th))
+  state = tx.init(params)
+  ref = ReferenceOscillations(w.shape, m)
+  for step in range(40):
+    # Push every weight back and forth across its nearest transition point.
+    sign = 1.0 if step % 2 == 0 else -1.0
+    g = {"w": jnp.asarray(sign * 0.6 * rng.random(size=w.shape).astype(np.float32)),
+         "b": jnp.zeros(3)}
+    before = np.asarray(params["w"])
+    upd, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, upd)
+    ref.observe(ref_levels(before, s, 2), ref_levels(np.asarray(params["w"]), s, 2))
+    t = state[1]
+    np.testing.assert_array_equal(t.last_direction["w"], ref.last.astype(np.int8))
+    np.testing.assert_allclose(t.oscillation_frequency["w"], ref.f, rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(t.mean_oscillation_frequency, [ref.f.mean()], rtol=2e-3,
+                               atol=1e-5)
+    np.testing.assert_allclose(t.oscillation_rate, [ref.flips.mean()], rtol=1e-6)
+    np.testing.assert_allclose(t.oscillating_fraction, [(ref.f > th).mean()], atol=1 / w.size)
+  assert ref.f.mean() > 0.1, "the run must oscillate"
+  np.testing.assert_array_equal(upd["b"], jnp.zeros(3))
+  keys = talr.metrics(state)
+  assert set(keys) == {"mean_oscillation_frequency/w", "oscillating_fraction/w",
+                       "oscillation_rate/w"}
+
+
+def test_monotone_drift_is_not_an_oscillation():
+  params = {"w": jnp.linspace(-1.0, 1.0, 50)}
+  levels_fn = talr.levels_fn_from_scales({"w": 1.0}, 3)
+  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(levels_fn))
+  state = tx.init(params)
+  for _ in range(30):
+    upd, state = tx.update({"w": -0.05 * jnp.ones(50)}, state, params)
+    params = optax.apply_updates(params, upd)
+  assert float(state[1].mean_oscillation_frequency[0]) == 0.0
+  assert int(jnp.sum(state[1].last_direction["w"] == 1)) > 10
+
+
+def test_state_cost_and_sampling_and_layer_axes():
+  params = {"w": jnp.ones((4, 64, 64))}
+  levels_fn = talr.levels_fn_from_scales({"w": 1.0}, 2)
+  full = talr.track_oscillations(levels_fn, layer_axes={"w": 0}).init(params)
+  assert full.last_direction["w"].dtype == jnp.int8
+  assert full.oscillation_frequency["w"].dtype == jnp.float16
+  per_weight = (full.last_direction["w"].nbytes + full.oscillation_frequency["w"].nbytes
+                ) / params["w"].size
+  assert per_weight == 3.0
+  assert full.rate_names.names == tuple(f"w[{i}]" for i in range(4))
+  sampled = talr.track_oscillations(levels_fn, layer_axes={"w": 0}, sample_size=256)
+  state = sampled.init(params)
+  assert state.last_direction["w"].size <= 4 * 256
+  upd, state = sampled.update({"w": jnp.full((4, 64, 64), 0.3)}, state, params)
+  assert state.oscillation_rate.shape == (4,)
+
+
+def test_bad_arguments():
+  fn = talr.levels_fn_from_scales({"w": 1.0}, 2)
+  with pytest.raises(ValueError, match="threshold"):
+    talr.track_oscillations(fn, threshold=1.5)
+  with pytest.raises(ValueError, match="momentum"):
+    talr.track_oscillations(fn, momentum=1.0)
+  with pytest.raises(ValueError, match="sample_size"):
+    talr.track_oscillations(fn, sample_size=0)
+  tx = talr.track_oscillations(fn)
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="needs the params"):
+    tx.update(params, tx.init(params))
+
+
+def test_jit_no_recompile():
+  from optax._src import test_utils  # pylint: disable=import-outside-toplevel
+  params = {"w": jnp.linspace(-1.0, 1.0, 64)}
+  tx = optax.chain(optax.sgd(0.1), talr.track_oscillations(
+      talr.levels_fn_from_scales({"w": 1.0}, 2)))
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  state = tx.init(params)
+  _, state = step(params, state, params)
+  with test_utils.log_compilations() as logs:
+    _, state = step(params, state, params)
+  assert not logs
