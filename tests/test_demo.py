@@ -21,6 +21,12 @@ from talr_optax.demo.tasks import TASKS, make_model  # pylint: disable=g-import-
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--quick", "--bits", "2", "--epochs", "2", "--fp-epochs", "1"]
+R0 = 5e-3 * 2**0.5  # the target's start at 2 bits: lambda * sqrt(bits)
+
+
+def _cosine(r0: float, total: int, step: np.ndarray) -> np.ndarray:
+  """The paper's cosine target, written out: R(t) = R_0 (1 + cos(pi t / T)) / 2."""
+  return r0 * (1 + np.cos(np.pi * np.minimum(step, total) / total)) / 2
 
 
 def _exit_message(argv, capsys) -> str:
@@ -154,9 +160,11 @@ def _assert_results(out: Path, results: dict, epochs: int) -> None:
     assert 0.5 <= run["final_test_accuracy"] <= 1.0
     assert all(0.0 <= k <= 1.0 for k in run["trace"]["k"])
     # Both K curves start from R_0 = 5e-3 * sqrt(2) and move towards k.
-    assert abs(run["trace"]["K"][0] - 5e-3 * 2**0.5) < 1e-3
+    assert abs(run["trace"]["K"][0] - R0) < 1e-3
+    # Both log the cosine target from R_0 that TALR follows, after each update.
+    np.testing.assert_allclose(run["trace"]["R"], _cosine(R0, n, np.arange(1, n + 1)),
+                               rtol=1e-5, atol=1e-9)
   talr_run = next(r for r in results["runs"] if r["method"] == "talr")
-  assert talr_run["trace"]["R"][0] == pytest.approx(5e-3 * 2**0.5, rel=1e-5)
   assert talr_run["trace"]["U"] != talr_run["trace"]["lr"]
   assert {row["method"] for row in results["summary"]} == {"sgd", "talr"}
   for name in ("rate_tracking", "learning_rates", "accuracy", "weight_changes"):
@@ -222,7 +230,8 @@ def test_cifar10_resnet20_task_trains_on_a_tiny_fixture(tmp_path, capsys):
   record = demo_train.run_qat(cfg, task, dataset, fp_model, 2, 0, "talr")
   # 120 training images / batch 40 = 3 steps per epoch.
   assert len(record["trace"]["k"]) == 3 and len(record["test_accuracy_per_epoch"]) == 1
-  assert record["trace"]["R"][0] == pytest.approx(5e-3 * 2**0.5, rel=1e-5)
+  np.testing.assert_allclose(record["trace"]["R"], _cosine(R0, 3, np.arange(1, 4)),
+                             rtol=1e-5, atol=1e-9)
   assert 0 < max(record["trace"]["k"]) <= 1
 
 

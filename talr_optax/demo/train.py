@@ -170,11 +170,17 @@ def _setup(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mod
 
 def _train_epoch(run: _Qat, cfg: DemoConfig, dataset: data.Dataset,
                  traces: dict[str, list[float]]) -> None:
-  """One epoch; appends a value per step to each trace."""
+  """One epoch; appends a value per step to each trace.
+
+  Entry n describes the state after update n: the transitions ``k`` that
+  update caused, and ``K``, ``R``, ``U`` and the schedule's ``lr`` that update
+  n + 1 will use (the TALR state holds ``R(n+1)`` and ``U_(n+1)``).
+  """
   pending = [train_step(run.task, run.model, run.optimizer, jnp.asarray(x), jnp.asarray(y))
              for x, y in _epoch(cfg, run.task, dataset, run.rng)]
   step = len(traces["k"])
   for loss, m in jax.device_get(pending):  # one transfer per epoch, not per step
+    step += 1
     lr = float(run.lr(step))
     traces["loss"].append(float(loss))
     traces["k"].append(float(m["k"]))
@@ -183,7 +189,6 @@ def _train_epoch(run: _Qat, cfg: DemoConfig, dataset: data.Dataset,
     traces["R"].append(float(m["R"]) if "R" in m else float(run.target(step)))
     traces["lr"].append(lr)
     traces["U"].append(float(m["U"]) if "U" in m else lr)
-    step += 1
 
 
 def _tracking_error(traces: dict[str, list[float]], r0: float) -> float:
