@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -39,9 +40,11 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 # A target that keeps U moving every step (it is not a convergence study).
 TARGET = 1e-2
+# Weights counted per rate group by the sampled variants (``sample_size=``).
+SAMPLE_SIZE = 65536
 
-# Conv-shaped (HWIO) weight tensors: 10 tensors per size, as in
-# count_formulations.py. "0.1M" is only for smoke tests.
+# Conv-shaped (HWIO) weight tensors: 10 tensors per size. "0.1M" is only for
+# smoke tests (its tensors have fewer than SAMPLE_SIZE weights: never sampled).
 SIZES: dict[str, list[tuple[int, ...]]] = {
     "0.1M": [(3, 3, 32, 36)] * 10,        # 0.10M
     "1M": [(3, 3, 64, 176)] * 10,         # 1.01M
@@ -70,20 +73,28 @@ def make_problem(size: str, seed: int = 0):
   return params, grads, scales
 
 
-def optimizers(levels_fn: Callable[[Any], Any]) -> dict[str, optax.GradientTransformation]:
+def optimizers(levels_fn: Callable[[Any], Any], sample_size: int = SAMPLE_SIZE
+               ) -> dict[str, optax.GradientTransformation]:
   """The plain optimizers and their TALR counterparts, same hyperparameters.
 
   ``sgd`` is ``chain(add_decayed_weights, trace, scale_by_learning_rate)``,
   ``sgdt`` the same chain with ``scale_by_talr`` as the last stage
   (``talr_optax.sgdt``); likewise ``adam`` / ``adamt`` with ``scale_by_adam``.
+  ``*_sampled`` count the transitions on at most ``sample_size`` weights per
+  quantized tensor (exact: every weight).
   """
+  sgdt = lambda **kw: talr.sgdt(LR, TARGET, levels_fn, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY, **kw)
+  adamt = lambda **kw: talr.adamt(ADAM_LR, TARGET, levels_fn, weight_decay=WEIGHT_DECAY, **kw)
   return {
       "sgd": optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.trace(MOMENTUM),
                          optax.scale_by_learning_rate(LR)),
-      "sgdt": talr.sgdt(LR, TARGET, levels_fn, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+      "sgdt": sgdt(),
+      "sgdt_sampled": sgdt(sample_size=sample_size),
       "adam": optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.scale_by_adam(),
                           optax.scale_by_learning_rate(ADAM_LR)),
-      "adamt": talr.adamt(ADAM_LR, TARGET, levels_fn, weight_decay=WEIGHT_DECAY),
+      "adamt": adamt(),
+      "adamt_sampled": adamt(sample_size=sample_size),
   }
 
 
@@ -253,16 +264,66 @@ def ratio_cell(s: dict[str, float]) -> str:
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_INSTR = None
+_CACHE_LINE = 64
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)")
+_SKIP = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 
 
-def _parse_shape(text: str) -> tuple[str, int] | None:
-  import re  # pylint: disable=import-outside-toplevel
+def _parse_shape(text: str) -> tuple[str, int, tuple[int, ...]] | None:
   m = re.match(r"(\w+)\[([\d,]*)\]", text)
   if not m or m.group(1) not in _DTYPE_BYTES:
     return None
-  dims = [int(d) for d in m.group(2).split(",") if d]
-  return m.group(1), int(np.prod(dims)) if dims else 1
+  dims = tuple(int(d) for d in m.group(2).split(",") if d)
+  return m.group(1), int(np.prod(dims)) if dims else 1, dims
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """Body lines of every computation of an HLO module, and the ENTRY's name."""
+  comps: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
+    if m and line.rstrip().endswith("{"):
+      current = m.group(2)
+      comps[current] = []
+      if m.group(1):
+        entry = current
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  return comps, entry
+
+
+def _strided_fraction(body: list[str], n_in: int, itemsize: int) -> float:
+  """Fraction of a fused operand's cache lines a strided ``slice`` inside the fusion reads.
+
+  1.0 when the fusion has no strided slice of an array of ``n_in`` elements.
+  The sampled count (``sample_size``) slices the levels on a grid: a row
+  along the last axis is read whole if its stride is under a cache line,
+  and rows skipped by the strides of the other axes are not read.
+  """
+  shapes = {}
+  for line in body:
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    shp = _parse_shape(m.group(2))
+    if shp:
+      shapes[m.group(1)] = shp
+    if m.group(3) != "slice":
+      continue
+    src = re.match(r"%([\w.\-]+)", m.group(4))
+    spec = re.search(r"slice=\{(.*?)\}", line)
+    if not src or not spec or src.group(1) not in shapes or shapes[src.group(1)][1] != n_in:
+      continue
+    strides = [int(x.split(":")[2]) if x.count(":") == 2 else 1
+               for x in re.findall(r"\[([\d:]+)\]", spec.group(1))]
+    if not strides or all(st == 1 for st in strides):
+      continue
+    frac = 1.0 / float(np.prod(strides[:-1]))
+    return frac * min(1.0, _CACHE_LINE / (strides[-1] * itemsize))
+  return 1.0
 
 
 def hlo_passes(hlo_text: str, min_elems: int) -> list[dict[str, Any]]:
@@ -270,51 +331,99 @@ def hlo_passes(hlo_text: str, min_elems: int) -> list[dict[str, Any]]:
 
   For every instruction of the compiled ENTRY computation (fusions, copies,
   custom calls ...) whose output or operands have at least ``min_elems``
-  elements, returns its name, kind and the bytes of those large operands and
-  outputs: the bytes that op reads from and writes to memory once (an operand
-  a fusion reads twice is counted once). Their sum divided by the number of
-  weights is the memory traffic per weight of one step, as compiled.
+  elements, returns its name, opcode, fusion kind, *role*, and the bytes of
+  those large operands and outputs: what that op reads from and writes to
+  memory once (an operand a fusion reads twice is counted once; an operand a
+  fusion reads through a strided slice counts the cache lines it touches).
+  Their sum divided by the number of weights is the memory traffic per weight
+  of one step, as compiled.
+
+  Roles: ``update`` writes a large float array (new params or moments),
+  ``levels`` writes large integer levels from floats, ``count`` reduces
+  integer levels to a small result, ``copy`` copies a large array (around
+  donated, aliased buffers), ``other`` anything else. ``waits_for_count`` is
+  True for an op that depends, directly or not, on a ``count`` op of the
+  same step.
   """
-  import re  # pylint: disable=import-outside-toplevel
-  lines = hlo_text.splitlines()
-  try:
-    start = next(i for i, l in enumerate(lines) if l.startswith("ENTRY"))
-  except StopIteration:
+  comps, entry = _computations(hlo_text)
+  if entry is None:
     return []
-  shapes: dict[str, tuple[str, int]] = {}
+  shapes: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+  deps: dict[str, list[str]] = {}
   ops = []
-  pat = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*)")
-  for line in lines[start + 1:]:
-    if line.startswith("}"):
-      break
-    m = pat.match(line)
+  for line in comps[entry]:
+    m = _INSTR.match(line)
     if not m:
       continue
     name, shape_text, opcode, rest = m.groups()
     shp = _parse_shape(shape_text)
     if shp:
       shapes[name] = shp
-    if opcode in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
-      continue
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-    read = sum(_DTYPE_BYTES[shapes[o][0]] * shapes[o][1] for o in set(operands)
-               if o in shapes and shapes[o][1] >= min_elems)
+    deps[name] = operands
+    if opcode in _SKIP:
+      continue
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    body = comps.get(called.group(1), []) if called else []
+    read, large_in = 0.0, []
+    for o in set(operands):
+      if o in shapes and shapes[o][1] >= min_elems:
+        item = _DTYPE_BYTES[shapes[o][0]]
+        read += item * shapes[o][1] * _strided_fraction(body, shapes[o][1], item)
+        large_in.append(shapes[o][0])
     write = (_DTYPE_BYTES[shp[0]] * shp[1]) if shp and shp[1] >= min_elems else 0
-    if read or write:
-      kind = re.search(r"kind=(\w+)", line)
-      ops.append(dict(name=name, op=opcode, kind=kind.group(1) if kind else "",
-                      read_bytes=int(read), write_bytes=int(write),
-                      out_dtype=shp[0] if shp else None))
+    if not (read or write):
+      continue
+    out_dtype = shp[0] if shp else None
+    if opcode == "copy":
+      role = "copy"
+    elif write and out_dtype and out_dtype.startswith(("f", "bf")):
+      role = "update"
+    elif write and out_dtype and out_dtype.startswith(("s", "u")):
+      role = "levels"
+    elif not write and any(d.startswith(("s", "u", "pred")) for d in large_in):
+      role = "count"
+    else:
+      role = "other"
+    kind = re.search(r"kind=(\w+)", line)
+    ops.append(dict(name=name, op=opcode, kind=kind.group(1) if kind else "", role=role,
+                    read_bytes=int(round(read)), write_bytes=int(write),
+                    out_dtype=out_dtype))
+  counts = {o["name"] for o in ops if o["role"] == "count"}
+  memo: dict[str, bool] = {}
+
+  def waits(name: str) -> bool:
+    if name not in memo:
+      memo[name] = False  # cycles cannot happen; guards the recursion
+      memo[name] = any(o in counts or waits(o) for o in deps.get(name, ()))
+    return memo[name]
+
+  for o in ops:
+    o["waits_for_count"] = waits(o["name"])
   return ops
 
 
+def hlo_min_elems(n: int, n_tensors: int) -> int:
+  """Smallest array the traffic model counts: 1/256 of a tensor (sampled levels are larger)."""
+  return max(1024, n // (256 * n_tensors))
+
+
 def hlo_summary(hlo_text: str, n: int, n_tensors: int) -> dict[str, Any]:
-  """Bytes per weight read + written by the compiled step, and its full-size ops per tensor."""
-  ops = hlo_passes(hlo_text, min_elems=max(1024, n // (4 * n_tensors)))
+  """Bytes per weight read + written by the compiled step, per role; full-size ops per tensor.
+
+  ``update_waits_for_count``: some op writing new params or moments depends
+  on a transition count of the same step (TALR's update must not).
+  """
+  ops = hlo_passes(hlo_text, min_elems=hlo_min_elems(n, n_tensors))
   total = sum(o["read_bytes"] + o["write_bytes"] for o in ops)
   kinds: dict[str, int] = {}
+  roles: dict[str, float] = {}
   for o in ops:
     key = o["op"] if o["op"] != "fusion" else f"fusion:{o['kind']}"
     kinds[key] = kinds.get(key, 0) + 1
+    roles[o["role"]] = roles.get(o["role"], 0.0) + (o["read_bytes"] + o["write_bytes"]) / n
   return dict(bytes_per_weight=total / n, ops_per_tensor=len(ops) / n_tensors,
-              op_kinds={k: v / n_tensors for k, v in sorted(kinds.items())})
+              op_kinds={k: v / n_tensors for k, v in sorted(kinds.items())},
+              bytes_per_weight_by_role={k: v for k, v in sorted(roles.items())},
+              update_waits_for_count=any(
+                  o["waits_for_count"] for o in ops if o["role"] == "update"))

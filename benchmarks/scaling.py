@@ -1,20 +1,23 @@
-"""Figure 5: step time vs number of quantized weights, TALR and plain.
+"""Figure 5: ns per weight against the number of quantized weights, TALR and plain.
 
 Reads the optimizer-step measurements of ``optimizer_step.py``
 (``results/optimizer_step.json``; with ``--quick`` the quick file), running
 that script first if the file is missing or ``--run`` is given, so both
-figures come from the same interleaved rounds. For every optimizer pair and
-donation mode it prints the median step time and ns per weight at each size,
+figures come from the same interleaved rounds. For ``sgd`` / ``sgdt`` /
+``sgdt_sampled`` (and ``adam`` / ``adamt`` / ``adamt_sampled``) it prints the
+median step time, ns per weight and ratio to the plain optimizer at each size,
 and fits ``t = a + b N`` (least squares on the medians):
 
 * ``a`` (ms): fixed cost per step, independent of the size (dispatch and the
-  per-tensor scalar work: TALR does a few small kernels per quantized tensor);
+  per-tensor scalar work: TALR adds a few small kernels per quantized tensor);
 * ``b`` (ns/weight): cost per weight; ``b_TALR / b_plain`` is the overhead
   fraction that remains at large sizes.
 
 The overhead is a constant fraction if the ratio is the same at every size,
-i.e. if ``a`` is small against ``b N``. ``--plot out.png`` draws the figure
-(matplotlib, from the ``demo`` extra).
+i.e. if ``a`` is small against ``b N``. With ``sample_size`` the count and the
+stored levels stop growing with the tensor, so ``sgdt_sampled``'s ns per
+weight should approach ``sgd``'s as ``N`` grows. ``--plot out.png`` draws ns
+per weight against ``N`` (matplotlib, from the ``demo`` extra).
 
 Usage:
   python benchmarks/scaling.py --quick         # from optimizer_step_quick.json (0.1M, 1M)
@@ -35,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # pylint: disable=wrong-import-position
 
-GROUPS = (("sgd", ("sgd", "sgdt", "sgdt_levels")), ("adam", ("adam", "adamt", "adamt_levels")))
+GROUPS = (("sgd", ("sgd", "sgdt", "sgdt_sampled")), ("adam", ("adam", "adamt", "adamt_sampled")))
 
 
 def fit(ns, ts):
@@ -95,18 +98,21 @@ def plot(res, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  donate_modes = sorted({r["donate"] for r in res}, reverse=True)
-  fig, axes = plt.subplots(1, len(donate_modes), figsize=(6 * len(donate_modes), 4.5), squeeze=False)
-  for ax, donate in zip(axes[0], donate_modes):
-    for r in (r for r in res if r["donate"] == donate):
+  bases = [b for b, _ in GROUPS if any(r["baseline"] == b for r in res)]
+  fig, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4.5), squeeze=False)
+  for ax, base in zip(axes[0], bases):
+    for r in (r for r in res if r["baseline"] == base):
       ns = np.asarray(r["sizes"]) / 1e6
-      ax.errorbar(ns, r["median_ms"], yerr=np.asarray(r["iqr_ms"]) / 2, marker="o", capsize=3,
-                  label=r["variant"], linestyle="-" if r["variant"] == r["baseline"] else "--")
+      nspw = np.asarray(r["ns_per_weight"], float)
+      err = np.asarray(r["iqr_ms"], float) * 1e6 / np.asarray(r["sizes"]) / 2
+      ax.errorbar(ns, nspw, yerr=err, marker="o", capsize=3,
+                  label=f"{r['variant']} (donate={r['donate']})",
+                  linestyle="-" if r["variant"] == r["baseline"] else "--")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("quantized weights (millions)")
-    ax.set_ylabel("step time (ms, median, bars: IQR)")
-    ax.set_title(f"optimizer step, donate={donate}")
+    ax.set_ylabel("ns per weight (median; bars: IQR / 2)")
+    ax.set_title(f"optimizer step, {base} vs TALR")
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

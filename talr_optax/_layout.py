@@ -80,6 +80,12 @@ def is_empty_or_masked(x: Any) -> bool:
   return _tree.is_none_or_masked(x)
 
 
+def has_no_weights(x: Any) -> bool:
+  """A subtree whose arrays are all empty (a zero-size quantized leaf has no rate)."""
+  leaves = jax.tree.leaves(x)
+  return bool(leaves) and all(getattr(leaf, "size", 1) == 0 for leaf in leaves)
+
+
 def check_shapes(layout: "Layout", params: Any) -> None:
   """Every quantized leaf's levels have the shape of its param (one level per weight)."""
   for q, p in zip(layout.leaves, match(layout.treedef, params, "params")):

@@ -79,9 +79,12 @@ def sample_strides(shape: Sequence[int], sample_size: int,
 
   Each slice (the whole tensor, or each slice along ``layer_axis``) with more
   than ``sample_size`` entries is sampled on a grid: every ``s_i``-th index
-  along each axis ``i``. The strides are chosen greedily so the grid is as
-  even as possible across axes (the axis with most grid points is thinned
-  first) and holds at most ``sample_size`` points per slice.
+  along each axis ``i``, at most ``sample_size`` points per slice. Rows (all
+  axes but the last) are thinned first, down to about
+  ``sqrt(sample_size)`` of them, then the last axis: the grid spans every
+  axis, while the entries of a row stay close in memory, so the sample reads
+  a small share of the tensor's cache lines. Along each axis the axis with
+  most grid points is thinned first.
 
   Args:
     shape: the tensor's shape.
@@ -100,10 +103,20 @@ def sample_strides(shape: Sequence[int], sample_size: int,
     return None
   strides = [1] * len(shape)
   points = {i: shape[i] for i in axes}
-  while math.prod(points.values()) > sample_size:
-    i = max(axes, key=lambda a: (points[a], a))  # ties: thin the later axis
-    strides[i] += 1
-    points[i] = -(-shape[i] // strides[i])
+
+  def thin(candidates, budget):
+    while candidates and math.prod(points[a] for a in candidates) > budget:
+      i = max(candidates, key=lambda a: (points[a], a))  # ties: the later axis
+      if points[i] == 1:
+        return
+      # The smallest stride that removes at least one grid point.
+      while -(-shape[i] // strides[i]) >= points[i]:
+        strides[i] += 1
+      points[i] = -(-shape[i] // strides[i])
+
+  rows, last = axes[:-1], axes[-1]
+  thin(rows, max(math.isqrt(sample_size), -(-sample_size // shape[last])))
+  thin(axes, sample_size)
   return tuple(strides)
 
 

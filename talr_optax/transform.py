@@ -141,6 +141,13 @@ class _Measure(NamedTuple):
 
 
 def _measure_init(levels_fn, params, layer_axes, sample_size, global_rate, name) -> _Measure:
+  if any(type(x).__name__ == "_ParamsPlaceholder"
+         for x in jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))):
+    raise ValueError(
+        f"optax.tree.map_params cannot map a {name} state: its init computes the"
+        " levels of the real params, which a placeholder does not have. To shard the"
+        " state, call tx.init (or jax.jit(tx.init)) on sharded params: levels take the"
+        " sharding of their params, rates are replicated.")
   levels, treedef = _layout.call_levels_fn(levels_fn, params)
   if all(level is None for level in levels):
     raise ValueError(
@@ -154,12 +161,34 @@ def _measure_init(levels_fn, params, layer_axes, sample_size, global_rate, name)
 def _count_caused(levels_fn, params, updates, prev_levels, layer_axes, sample_size,
                   global_rate) -> tuple[jax.Array, Any]:
   """``k`` of the transitions ``updates`` cause, and the levels to store."""
-  new_params = optax.apply_updates(params, updates)
+  new_params = _rounded(optax.apply_updates(params, updates))
   levels, treedef = _layout.call_levels_fn(levels_fn, new_params)
   layout = _layout.build(levels, treedef, new_params, layer_axes=layer_axes,
                          sample_size=sample_size, global_rate=global_rate)
   k = _layout.transition_rates(layout, levels, prev_levels)
   return k, _layout.counted_levels(layout, levels)
+
+
+def _rounded(params: Any) -> Any:
+  """Params below float32 precision, rounded as they will be stored.
+
+  Under jit XLA may keep ``p + u`` of bfloat16 / float16 params in float32
+  (excess precision) when the levels read it, so the levels would be those of
+  the unrounded sum, not of the params the next step receives.
+  ``reduce_precision`` pins the rounding (to nearest even, like the cast).
+  """
+
+  def pin(x):
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    info = jnp.finfo(x.dtype)
+    if info.nmant >= jnp.finfo(jnp.float32).nmant:
+      return x
+    wide = jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp,
+                                    mantissa_bits=info.nmant)
+    return wide.astype(x.dtype)
+
+  return jax.tree.map(pin, params)
 
 
 def _names(layout: _layout.Layout) -> RateNames:
@@ -285,9 +314,9 @@ def scale_by_talr(
     layout = measure.layout
     _layout.check_shapes(layout, params)
     unquantized = [
-        i for i, (q, p) in enumerate(zip(layout.leaves, _layout.match(
+        i for i, (level, p) in enumerate(zip(measure.levels, _layout.match(
             layout.treedef, params, "params")))
-        if q is None and not _layout.is_empty_or_masked(p)]
+        if level is None and not _layout.is_empty_or_masked(p)]
     if unquantized and fallback_fn is None:
       raise ValueError(
           f"levels_fn returned None for {len(unquantized)} param leaves (e.g. leaf"
@@ -331,7 +360,7 @@ def scale_by_talr(
     fallback = None if fallback_fn is None else jnp.asarray(fallback_fn(count), RATE_DTYPE)
     scaled = []
     for q, u in zip(layout.leaves, _layout.match(layout.treedef, updates, "updates")):
-      if _layout.is_empty_or_masked(u):
+      if _layout.is_empty_or_masked(u) or _layout.has_no_weights(u):
         scaled.append(u)
       elif q is not None:
         scaled.append(jax.tree.map(

@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
+import _nnx_testing as T
 from talr_optax import nnx as tnnx
 
 
@@ -24,13 +25,14 @@ def _rngs():
 
 
 def _linear(**kw):
-  args = dict(in_features=2, out_features=3, weight_bits=2, act_bits=2, rngs=_rngs())
+  args = dict(in_features=2, out_features=3, weight_bits=2, act_bits=2, multiply_scale=False,
+              rngs=_rngs())
   return tnnx.QuantLinear(**{**args, **kw})
 
 
 def _conv(**kw):
-  args = dict(in_features=2, out_features=3, kernel_size=3, weight_bits=2, act_bits=2,
-              rngs=_rngs())
+  args = dict(in_features=2, out_features=4, kernel_size=(3, 3), weight_bits=2, act_bits=2,
+              multiply_scale=False, rngs=_rngs())
   return tnnx.QuantConv(**{**args, **kw})
 
 
@@ -38,8 +40,8 @@ def _cnn(**kw):
   return tnnx.SmallCNN(**{**dict(weight_bits=2, act_bits=2, width=2, rngs=_rngs()), **kw})
 
 
-def _resnet(**kw):
-  return tnnx.ResNet20(**{**dict(weight_bits=2, act_bits=2, rngs=_rngs()), **kw})
+def _mobilenet(**kw):
+  return tnnx.MobileNetV2Tiny(**{**dict(weight_bits=2, act_bits=2, rngs=_rngs()), **kw})
 
 
 def _block(**kw):
@@ -48,75 +50,66 @@ def _block(**kw):
   return tnnx.BasicBlock(**{**args, **kw})
 
 
+def _inverted(**kw):
+  args = dict(in_features=2, out_features=4, stride=1, expand_ratio=2, weight_bits=2,
+              act_bits=2, rngs=_rngs())
+  return tnnx.InvertedResidual(**{**args, **kw})
+
+
 POSITIVE = r"must be an integer >= 1"
 
 # (thunk, exception, regex the message must match)
 LAYER_CASES = {
-    # QuantLinear / QuantConv sizes
+    # sizes (Flax would build an empty kernel or fail inside an initializer)
     "linear in_features 0": (lambda: _linear(in_features=0), ValueError,
                              rf"QuantLinear: in_features {POSITIVE}, got in_features = 0"),
     "linear out_features -1": (lambda: _linear(out_features=-1), ValueError,
                                rf"out_features {POSITIVE}, got out_features = -1"),
     "linear in_features float": (lambda: _linear(in_features=2.0), ValueError,
                                  rf"in_features {POSITIVE}, got in_features = 2.0"),
-    "linear in_features str": (lambda: _linear(in_features="2"), ValueError,
-                               rf"in_features {POSITIVE}"),
     "linear in_features bool": (lambda: _linear(in_features=True), ValueError,
                                 rf"in_features {POSITIVE}"),
     "conv out_features 0": (lambda: _conv(out_features=0), ValueError,
                             rf"QuantConv: out_features {POSITIVE}"),
     "conv in_features None": (lambda: _conv(in_features=None), ValueError,
                               rf"in_features {POSITIVE}"),
-    # kernel_size, strides, padding
     "kernel_size 0": (lambda: _conv(kernel_size=0), ValueError,
-                      r"kernel_size must be an integer >= 1 or a non-empty sequence"),
-    "kernel_size empty": (lambda: _conv(kernel_size=()), ValueError, r"kernel_size = \(\)"),
+                      rf"QuantConv: kernel_size {POSITIVE}, got kernel_size = 0"),
+    "kernel_size empty": (lambda: _conv(kernel_size=()), ValueError,
+                          r"kernel_size must not be empty"),
     "kernel_size negative entry": (lambda: _conv(kernel_size=(3, -1)), ValueError,
-                                   r"kernel_size = \(3, -1\)"),
-    "kernel_size float": (lambda: _conv(kernel_size=3.0), ValueError, r"kernel_size = 3.0"),
+                                   r"kernel_size = -1"),
     "kernel_size str": (lambda: _conv(kernel_size="3"), ValueError, r"kernel_size = '3'"),
-    "strides 0": (lambda: _conv(strides=0), ValueError,
-                  r"strides must be an integer >= 1 or 2 integers >= 1, got strides = 0"),
-    "strides too many": (lambda: _conv(strides=(1, 1, 1)), ValueError,
-                         r"strides must be .* 2 integers >= 1, got strides = \(1, 1, 1\)"),
-    "strides float": (lambda: _conv(strides=1.5), ValueError, r"strides = 1.5"),
-    "strides 1-D kernel": (lambda: _conv(kernel_size=(3,), strides=(1, 1)), ValueError,
-                           r"strides must be .* 1 integers >= 1"),
-    "padding unknown string": (lambda: _conv(padding="FULL"), ValueError,
-                               r"padding must be one of 'SAME', 'SAME_LOWER', 'VALID'.*"
-                               r"got padding = 'FULL'"),
-    "padding negative": (lambda: _conv(padding=-1), ValueError, r"padding = -1"),
-    "padding wrong pair count": (lambda: _conv(padding=[(1, 1)]), ValueError,
-                                 r"2 \(low, high\) pairs.*got padding = \[\(1, 1\)\]"),
-    "padding not pairs": (lambda: _conv(padding=(1, 1)), ValueError, r"padding = \(1, 1\)"),
-    # bits (also covered in test_nnx.py for every model)
+    # groups: Flax would fail at the first call with an assertion
+    "groups not dividing in": (lambda: _conv(feature_group_count=3), ValueError,
+                               r"feature_group_count must divide in_features and "
+                               r"out_features .*got feature_group_count = 3, in_features = 2"),
+    "groups not dividing out": (lambda: _conv(in_features=4, out_features=6,
+                                              feature_group_count=4), ValueError,
+                                r"feature_group_count = 4, in_features = 4, out_features = 6"),
+    "groups 0": (lambda: _conv(feature_group_count=0), ValueError,
+                 rf"feature_group_count {POSITIVE}"),
+    # bits and the weight-scale choice
     "weight_bits 5": (lambda: _conv(weight_bits=5), ValueError,
-                      r"weight_bits must be one of 1, 2, 3, 4, 8 or None"),
+                      r"QuantConv: weight_bits must be one of \(1, 2, 3, 4, 8\), got "
+                      r"weight_bits = 5"),
     "act_bits 2.0": (lambda: _linear(act_bits=2.0), ValueError,
-                     r"act_bits must be one of 1, 2, 3, 4, 8 or None"),
-    # flags, dtypes, initializers
-    "use_bias str": (lambda: _linear(use_bias="no"), ValueError,
-                     r"use_bias must be True or False, got use_bias = 'no'"),
+                     r"QuantLinear: act_bits must be an integer in \[1, 8\]"),
+    "act_bits True": (lambda: _linear(act_bits=True), ValueError, r"act_bits must be"),
+    "multiply_scale missing": (lambda: _linear(multiply_scale=None), ValueError,
+                               r"QuantLinear: multiply_scale must be given \(True or False\)"
+                               r" for a quantized layer: False when a batch norm follows"),
+    "multiply_scale missing, act only": (
+        lambda: _conv(weight_bits=None, multiply_scale=None), ValueError,
+        r"QuantConv: multiply_scale must be given"),
     "multiply_scale int": (lambda: _conv(multiply_scale=1), ValueError,
                            r"multiply_scale must be True or False"),
     "deterministic None": (lambda: _conv(deterministic=None), ValueError,
                            r"deterministic must be True or False"),
-    "param_dtype int": (lambda: _linear(param_dtype=jnp.int32), ValueError,
-                        r"param_dtype must be a floating dtype"),
-    "param_dtype junk": (lambda: _conv(param_dtype="bogus"), ValueError,
-                         r"param_dtype must be a floating dtype"),
-    "dtype int": (lambda: _conv(dtype=jnp.int8), ValueError,
-                  r"dtype must be a floating dtype .*or None"),
-    "kernel_init not callable": (lambda: _linear(kernel_init=0.1), TypeError,
-                                 r"kernel_init must be an initializer"),
-    "bias_init not callable": (lambda: _conv(use_bias=True, bias_init="zeros"), TypeError,
-                               r"bias_init must be an initializer"),
     # rngs
     "linear rngs int": (lambda: _linear(rngs=0), TypeError,
                         r"QuantLinear: rngs must be an nnx.Rngs, e.g. rngs=nnx.Rngs\(0\), "
                         r"got rngs of type int"),
-    "linear rngs None": (lambda: _linear(rngs=None), TypeError,
-                         r"rngs must be an nnx.Rngs.*NoneType"),
     "conv rngs key": (lambda: _conv(rngs=jax.random.key(0)), TypeError,
                       r"QuantConv: rngs must be an nnx.Rngs"),
     # models
@@ -126,19 +119,16 @@ LAYER_CASES = {
     "SmallCNN in_channels float": (lambda: _cnn(in_channels=1.5), ValueError,
                                    rf"SmallCNN: in_channels {POSITIVE}"),
     "SmallCNN rngs": (lambda: _cnn(rngs=0), TypeError, r"SmallCNN: rngs must be an nnx.Rngs"),
-    "SmallCNN bits": (lambda: _cnn(weight_bits=7), ValueError,
-                      r"weight_bits must be one of 1, 2, 3, 4, 8 or None"),
-    "ResNet20 num_classes -1": (lambda: _resnet(num_classes=-1), ValueError,
-                                rf"ResNet20: num_classes {POSITIVE}, got num_classes = -1"),
-    "ResNet20 in_channels 0": (lambda: _resnet(in_channels=0), ValueError,
-                               rf"ResNet20: in_channels {POSITIVE}"),
-    "ResNet20 rngs": (lambda: _resnet(rngs="seed"), TypeError,
-                      r"ResNet20: rngs must be an nnx.Rngs"),
+    "MobileNetV2Tiny num_classes 0": (lambda: _mobilenet(num_classes=0), ValueError,
+                                      rf"MobileNetV2Tiny: num_classes {POSITIVE}"),
+    "MobileNetV2Tiny rngs": (lambda: _mobilenet(rngs=None), TypeError,
+                             r"MobileNetV2Tiny: rngs must be an nnx.Rngs.*NoneType"),
     "BasicBlock stride 0": (lambda: _block(stride=0), ValueError,
                             rf"BasicBlock: stride {POSITIVE}"),
     "BasicBlock shrinking channels": (lambda: _block(in_features=4, out_features=2), ValueError,
                                       r"out_features must be >= in_features"),
-    "BasicBlock rngs": (lambda: _block(rngs=1), TypeError, r"BasicBlock: rngs must be"),
+    "InvertedResidual expand_ratio 0": (lambda: _inverted(expand_ratio=0), ValueError,
+                                        rf"InvertedResidual: expand_ratio {POSITIVE}"),
 }
 
 
@@ -152,57 +142,27 @@ def test_layer_and_model_arguments(case):
 def test_arguments_are_checked_before_any_random_number_is_drawn():
   rngs = nnx.Rngs(0)
   with pytest.raises(ValueError):
-    tnnx.QuantConv(in_features=2, out_features=3, kernel_size=3, strides=0,
-                   weight_bits=2, act_bits=2, rngs=rngs)
+    tnnx.QuantConv(2, 3, (3, 3), feature_group_count=2, weight_bits=2, act_bits=2,
+                   multiply_scale=False, rngs=rngs)
   with pytest.raises(ValueError):
     tnnx.SmallCNN(weight_bits=2, act_bits=2, num_classes=0, rngs=rngs)
+  with pytest.raises(ValueError):
+    tnnx.MobileNetV2Tiny(weight_bits=2, act_bits=7, rngs=rngs)
   assert int(rngs.params.count[...]) == 0
 
 
-def test_accepted_spellings_still_build_and_run():
-  # NumPy integers, lower-case padding strings, explicit pairs, tuples.
-  fp = dict(weight_bits=None, act_bits=None, kernel_init=nnx.initializers.zeros, rngs=_rngs())
-  conv = tnnx.QuantConv(in_features=np.int64(2), out_features=np.int32(3),
-                        kernel_size=(3, 1), strides=(2, np.int64(1)), padding="same",
-                        **{**fp, "weight_bits": np.int64(2)})
-  assert conv.kernel[...].shape == (3, 1, 2, 3) and conv.weight_bits == 2
+def test_accepted_spellings_still_build():
+  # NumPy integers and bools; a full-precision layer needs no multiply_scale.
+  conv = tnnx.QuantConv(np.int64(2), np.int32(4), (np.int64(3), 1), strides=(2, 1),
+                        feature_group_count=np.int64(2), weight_bits=np.int64(2),
+                        act_bits=None, multiply_scale=np.bool_(False),
+                        kernel_init=nnx.initializers.zeros, rngs=_rngs())
+  assert conv.kernel.shape == (3, 1, 1, 4) and conv.weight_bits == 2
   assert type(conv.weight_bits) is int and type(conv.in_features) is int
-  assert conv.padding == "SAME" and conv.strides == (2, 1)
-  x = jnp.ones((1, 6, 6, 2))
-  assert tnnx.QuantConv(in_features=2, out_features=3, kernel_size=(3, 1), strides=(2, 1),
-                        padding="same", **fp)(x).shape == (1, 3, 6, 3)
-  pairs = tnnx.QuantConv(in_features=2, out_features=3, kernel_size=3,
-                         padding=[(1, 1), (0, 0)], **fp)
-  assert pairs(x).shape == (1, 6, 4, 3)
-  assert tnnx.QuantConv(in_features=2, out_features=3, kernel_size=3, padding=0,
-                        **fp)(x).shape == (1, 4, 4, 3)
-  lin = tnnx.QuantLinear(in_features=2, out_features=3, use_bias=np.bool_(False),
-                         param_dtype="float32", **fp)
-  assert lin(np.ones((4, 2), np.float32)).shape == (4, 3)  # a NumPy batch is fine
-
-
-CALL_CASES = {
-    "conv rank": (lambda: _conv()(jnp.ones((2, 4, 4))), ValueError,
-                  r"QuantConv: inputs must have shape \(batch, 2 spatial axes, features\) "
-                  r"with in_features = 2, got inputs of shape \(2, 4, 4\)"),
-    "conv channels": (lambda: _conv()(jnp.ones((2, 4, 4, 5))), ValueError,
-                      r"in_features = 2, got inputs of shape \(2, 4, 4, 5\)"),
-    "conv list": (lambda: _conv()([[1.0]]), TypeError,
-                  r"QuantConv: inputs must be an array .*got inputs of type list"),
-    "linear features": (lambda: _linear()(jnp.ones((2, 5))), ValueError,
-                        r"QuantLinear: inputs must have shape \(\.\.\., in_features\) with "
-                        r"in_features = 2, got inputs of shape \(2, 5\)"),
-    "linear scalar": (lambda: _linear()(jnp.ones(())), ValueError, r"got inputs of shape \(\)"),
-    "linear list": (lambda: _linear(act_bits=None)([[1.0, 2.0]]), TypeError,
-                    r"QuantLinear: inputs must be an array"),
-}
-
-
-@pytest.mark.parametrize("case", tuple(CALL_CASES))
-def test_layer_call_with_bad_inputs(case):
-  thunk, exc, match = CALL_CASES[case]
-  with pytest.raises(exc, match=match):
-    thunk()
+  assert conv.multiply_scale is False
+  lin = tnnx.QuantLinear(2, 3, weight_bits=None, act_bits=None, use_bias=False,
+                         kernel_init=nnx.initializers.zeros, rngs=_rngs())
+  assert not lin.is_quantized and lin.bias is None
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +171,7 @@ def test_layer_call_with_bad_inputs(case):
 
 @pytest.fixture(scope="module")
 def cnn():
-  return _cnn()
+  return T.build(tnnx.SmallCNN, weight_bits=2, act_bits=2, width=2)
 
 
 @pytest.mark.parametrize("model", [None, {"conv2": 1}, "model"], ids=["None", "dict", "str"])
@@ -220,6 +180,8 @@ def test_levels_fn_for_and_param_labels_need_a_module(model):
     tnnx.levels_fn_for(model)
   with pytest.raises(TypeError, match="param_labels: model must be an nnx.Module"):
     tnnx.param_labels(model)
+  with pytest.raises(TypeError, match="layer_axes_for: model must be an nnx.Module"):
+    tnnx.layer_axes_for(model)
 
 
 def test_levels_fn_for_a_state_instead_of_the_model(cnn):
@@ -229,7 +191,7 @@ def test_levels_fn_for_a_state_instead_of_the_model(cnn):
 
 def test_levels_fn_for_model_without_quantized_kernel():
   with pytest.raises(ValueError, match="no quantized kernel"):
-    tnnx.levels_fn_for(_cnn(weight_bits=None, act_bits=2))
+    tnnx.levels_fn_for(T.build(tnnx.SmallCNN, weight_bits=None, act_bits=2, width=2))
 
 
 def test_levels_fn_rejects_params_of_another_model(cnn):
@@ -257,6 +219,23 @@ def test_levels_fn_rejects_params_of_another_model(cnn):
 def test_param_labels_bad_filter(cnn, wrt):
   with pytest.raises(TypeError, match="param_labels: wrt must be an nnx filter"):
     tnnx.param_labels(cnn, wrt=wrt)
+  with pytest.raises(TypeError, match="layer_axes_for: wrt must be an nnx filter"):
+    tnnx.layer_axes_for(cnn, wrt=wrt)
+
+
+def test_layers_stacked_over_two_axes_are_refused():
+  @nnx.vmap(in_axes=0, out_axes=0, axis_size=2)
+  @nnx.vmap(in_axes=0, out_axes=0, axis_size=3)
+  def make(_):
+    return tnnx.QuantLinear(2, 2, weight_bits=2, act_bits=None, multiply_scale=True,
+                            kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+
+  layer = make(jnp.zeros((2, 3)))
+  assert layer.kernel.shape == (2, 3, 2, 2)
+  for fn in (tnnx.levels_fn_for, tnnx.layer_axes_for, tnnx.param_labels):
+    with pytest.raises(ValueError, match=r"'kernel' has shape \(2, 3, 2, 2\), 2 axes more "
+                                         r"than one layer's kernel"):
+      fn(layer)
 
 
 # ---------------------------------------------------------------------------
@@ -277,20 +256,24 @@ CALIBRATE_CASES = {
                 r"x must be a non-empty batch .*got x of shape \(0, 8, 8, 1\)"),
     "x nan": (lambda m: tnnx.calibrate(m, jnp.full((2, 8, 8, 1), jnp.nan)), ValueError,
               r"calibrate: x holds NaN or Inf"),
-    "x rank": (lambda m: tnnx.calibrate(m, jnp.ones((8, 8, 1))), ValueError,
+    "x all zero": (lambda m: tnnx.calibrate(m, jnp.zeros((2, 8, 8, 1))), ValueError,
+                   r"calibrate: the batch x defines no step size for 2 quantized layer\(s\): "
+                   r"'conv2', 'conv3'.*all-zero"),
+    "x rank": (lambda m: tnnx.calibrate(m, jnp.ones((8, 8, 1))), TypeError,
                r"calibrate: the batch x of shape \(8, 8, 1\) and dtype float32 does not fit "
-               r"the model: QuantConv: inputs must have shape"),
+               r"the model: "),
     "x channels": (lambda m: tnnx.calibrate(m, np.ones((2, 8, 8, 3), np.float32)), ValueError,
-                   r"batch x of shape \(2, 8, 8, 3\).*in_features = 1, got inputs of shape"),
+                   r"batch x of shape \(2, 8, 8, 3\).* does not fit the model: "
+                   r"conv_general_dilated lhs feature dimension"),
     "forward not callable": (lambda m: tnnx.calibrate(m, jnp.ones((2, 8, 8, 1)), forward=3),
-                             TypeError, r"calibrate: forward must be None or a callable"),
+                             ValueError, r"calibrate: forward must be None or a callable"),
 }
 
 
 @pytest.mark.parametrize("case", tuple(CALIBRATE_CASES))
 def test_calibrate_bad_input_leaves_model_unchanged(case):
-  model = _cnn()
-  model.conv2.calibrated[...] = jnp.array(True)
+  model = T.build(tnnx.SmallCNN, weight_bits=2, act_bits=2, width=2)
+  model.conv2.calibrated[...] = True
   model.eval()
   before = nnx.to_pure_dict(nnx.state(model))
   thunk, exc, match = CALIBRATE_CASES[case]
@@ -306,12 +289,14 @@ def test_calibrate_bad_input_leaves_model_unchanged(case):
 
 
 def _fp(**kw):
-  return _cnn(**{**dict(weight_bits=None, act_bits=None), **kw})
+  return T.build(tnnx.SmallCNN, **{**dict(weight_bits=None, act_bits=None, width=2), **kw})
 
 
 def _zero_state(**kw):
   """nnx.state of a full-precision SmallCNN(**kw), zero-filled (no initializer to compile)."""
-  abstract = nnx.state(nnx.eval_shape(lambda: _fp(**kw)))
+  abstract = nnx.state(nnx.eval_shape(
+      lambda: tnnx.SmallCNN(**{**dict(weight_bits=None, act_bits=None, width=2), **kw},
+                            rngs=_rngs())))
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
 
 
@@ -339,7 +324,7 @@ LOAD_CASES = {
 
 @pytest.mark.parametrize("case", tuple(LOAD_CASES))
 def test_load_full_precision_mismatch_copies_nothing(case):
-  qat = _cnn()
+  qat = T.build(tnnx.SmallCNN, weight_bits=2, act_bits=2, width=2)
   before = nnx.to_pure_dict(nnx.state(qat))
   thunk, exc, match = LOAD_CASES[case]
   with pytest.raises(exc, match=match):

@@ -7,6 +7,7 @@ from talr_optax.nnx.labels import ACTIVATION_SCALE
 from talr_optax.nnx.labels import BATCH_NORM
 from talr_optax.nnx.labels import FULL_PRECISION
 from talr_optax.nnx.labels import LABELS
+from talr_optax.nnx.labels import layer_axes_for
 from talr_optax.nnx.labels import levels_fn_for
 from talr_optax.nnx.labels import param_labels
 from talr_optax.nnx.labels import QUANTIZED
@@ -21,7 +22,9 @@ from talr_optax.nnx.layers import validate_layer_bits
 from talr_optax.nnx.layers import WeightScale
 from talr_optax.nnx.models import BasicBlock
 from talr_optax.nnx.models import calibrate
+from talr_optax.nnx.models import InvertedResidual
 from talr_optax.nnx.models import load_full_precision
+from talr_optax.nnx.models import MobileNetV2Tiny
 from talr_optax.nnx.models import reset_calibration
 from talr_optax.nnx.models import ResNet20
 from talr_optax.nnx.models import SmallCNN
@@ -36,6 +39,8 @@ __all__ = [
     "ActivationScale",
     "BasicBlock",
     "Calibrated",
+    "InvertedResidual",
+    "MobileNetV2Tiny",
     "QuantConv",
     "QuantLayer",
     "QuantLinear",
@@ -43,6 +48,7 @@ __all__ = [
     "SmallCNN",
     "WeightScale",
     "calibrate",
+    "layer_axes_for",
     "levels_fn_for",
     "load_full_precision",
     "param_labels",

@@ -1,4 +1,4 @@
-"""Bridges from an NNX model to Optax: ``levels_fn_for`` and ``param_labels``.
+"""Bridges from an NNX model to Optax: ``levels_fn_for``, ``param_labels``, ``layer_axes_for``.
 
 What ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` (Flax 0.12) hands ``tx``:
 
@@ -10,10 +10,16 @@ What ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` (Flax 0.12) hands ``tx``:
 * inside ``optax.partition`` / ``optax.masked`` the leaves of other groups are
   ``optax.MaskedNode()``.
 
-Both functions below key on the path of each leaf, so they accept all of these
+The functions below key on the path of each leaf, so they accept all of these
 forms (and plain nested dicts such as ``nnx.to_pure_dict(state)``), and they return
 trees whose leaves are plain values. Such a tree is a tree *prefix* of both the
 Variable-boxed and the pure form, so it can be mapped against either.
+
+Stacked layers (created under ``nnx.vmap``, applied with ``nnx.scan``) hold
+``L`` layers' kernels in one param of shape ``(L, ...)``; they are recognised
+by a kernel rank one above the layer's own (``2`` for a linear layer,
+``len(kernel_size) + 2`` for a conv). :func:`layer_axes_for` tells the
+optimizer to schedule each layer slice on its own.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from __future__ import annotations
 import typing as tp
 
 import jax
-import jax.numpy as jnp
-import optax
+import numpy as np
 from flax import nnx
 
+from talr_optax import _checks
+from talr_optax import _tree
 from talr_optax import quantizers
 from talr_optax.nnx import layers as layers_lib
 
@@ -36,6 +43,7 @@ __all__ = [
     "LABELS",
     "levels_fn_for",
     "param_labels",
+    "layer_axes_for",
 ]
 
 QUANTIZED = "quantized"
@@ -44,48 +52,45 @@ ACTIVATION_SCALE = "activation_scale"
 BATCH_NORM = "batch_norm"
 LABELS = (QUANTIZED, FULL_PRECISION, ACTIVATION_SCALE, BATCH_NORM)
 
-Path = tuple[tp.Any, ...]
 
-
-def _key(entry: tp.Any) -> tp.Any:
-  """A jax key-path entry as the plain key ``nnx`` uses in module paths."""
-  for attr in ("key", "idx", "name"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  return entry
-
-
-def _is_leaf(x: tp.Any) -> bool:
-  # Variables and MaskedNodes are pytree nodes; stop at them so every form of
-  # the state yields the same key paths.
-  return x is None or isinstance(x, (nnx.Variable, optax.MaskedNode))
-
-
-def _map_with_path(fn: tp.Callable[[Path, tp.Any], tp.Any], tree: tp.Any) -> tp.Any:
+def _map_with_path(fn: tp.Callable[[str, tp.Any], tp.Any], tree: tp.Any) -> tp.Any:
+  """``fn("conv1/kernel", leaf)`` on every leaf; Variables and MaskedNodes are leaves."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: fn(tuple(_key(e) for e in path), x), tree, is_leaf=_is_leaf
-  )
+      lambda path, x: fn(_tree.path_str(path), x), tree, is_leaf=_tree.is_leaf)
 
 
-def _kernel_paths(model: nnx.Module) -> dict[Path, layers_lib.QuantLayer]:
-  return {
-      (*path, "kernel"): layer
-      for path, layer in layers_lib.quantized_layers(model)
-      if layer.weight_bits is not None
-  }
+def _check_module(model: tp.Any, owner: str) -> None:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(
+        f"{owner}: model must be an nnx.Module (e.g. a SmallCNN, or any module with "
+        f"QuantConv/QuantLinear layers), got model of type {type(model).__name__}."
+    )
 
 
-def _frozen_scale(layer: layers_lib.QuantLayer, kernel: jax.Array, path: Path) -> jax.Array:
-  """The layer's frozen weight scale, read now from the model object."""
+def _quantized_kernels(model: nnx.Module, owner: str) -> dict[str, layers_lib.QuantLayer]:
+  """``{"path/kernel": layer}`` for every layer with a quantized kernel."""
+  kernels = {}
+  for path, layer in layers_lib.quantized_layers(model):
+    if layer.weight_bits is None:
+      continue
+    name = "/".join(str(p) for p in (*path, "kernel"))
+    if len(layer.stack_shape) > 1:
+      raise ValueError(
+          f"{owner}: the kernel at '{name}' has shape {tuple(layer.kernel.shape)}, "
+          f"{len(layer.stack_shape)} axes more than one layer's kernel: layers stacked "
+          "over more than one axis (nested nnx.vmap) are not supported; stack them on "
+          "one axis."
+      )
+    kernels[name] = layer
+  return kernels
+
+
+def _weight_scale(layer: layers_lib.QuantLayer, kernel: tp.Any, name: str) -> jax.Array:
+  """The layer's weight scale(s) for ``kernel``, read now from the model object."""
   calibrated = layer.calibrated[...]
-  if isinstance(calibrated, jax.core.Tracer):
-    # ``model`` itself lives inside the trace (levels_fn_for was called on the
-    # model a jitted function received), so its values are current.
-    return jnp.where(calibrated, layer.weight_scale[...], layers_lib.fresh_weight_scale(kernel))
-  if bool(calibrated):
-    return layer.weight_scale[...]
-  if isinstance(kernel, jax.core.Tracer):
-    name = "/".join(str(p) for p in path)
+  if (isinstance(kernel, jax.core.Tracer) and not isinstance(calibrated, jax.core.Tracer)
+      # NumPy: a jnp op on a concrete value would be staged into the trace.
+      and not np.all(np.asarray(calibrated))):
     raise RuntimeError(
         f"levels_fn: the weight scale of '{name}' is not calibrated yet and "
         "levels_fn is being traced (e.g. inside nnx.jit). Under jit the model "
@@ -94,9 +99,9 @@ def _frozen_scale(layer: layers_lib.QuantLayer, kernel: jax.Array, path: Path) -
         "not visible. Call talr_optax.nnx.calibrate(model, batch) (or run one "
         "training forward pass) outside jit before the first jitted step."
     )
-  # Eager call before the first forward pass (nnx.Optimizer.__init__ calls
-  # tx.init): use the scale that pass will freeze, 3 * std(current kernel).
-  return layers_lib.fresh_weight_scale(kernel)
+  # Calibrated: the frozen scale. Not yet, eagerly (nnx.Optimizer calling
+  # tx.init before the first forward): the scale that forward will freeze.
+  return layer.weight_scale_for(kernel)
 
 
 def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
@@ -105,7 +110,8 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
   Quantized kernels are the ``kernel`` params of :class:`QuantConv` /
   :class:`QuantLinear` layers with ``weight_bits`` set; their levels are
   ``quantizers.weight_levels(kernel, s, weight_bits)`` with the layer's frozen
-  step size ``s``.
+  step size ``s`` (one per layer slice for a stacked kernel, whose levels
+  have the stacked shape ``(L, ...)``).
 
   The scales are read from ``model`` *when levels_fn is called*, not when it
   is built, because they are set by the first training forward pass, usually
@@ -123,8 +129,7 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
     ``nnx.jit`` wrapper for the same reason.
 
   ``levels_fn_for`` may also be called on the model a jitted function
-  receives; that levels_fn reads the traced, current scales (e.g. to pass
-  ``levels=`` to ``scale_by_talr``'s update).
+  receives; that levels_fn reads the traced, current scales.
 
   Args:
     model: an NNX module containing quantized layers.
@@ -138,12 +143,12 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
 
   Raises:
     TypeError: if ``model`` is not an ``nnx.Module``.
-    ValueError: if ``model`` has no quantized kernel; from ``levels_fn``, if
-      ``params`` hold none of the model's quantized kernels, or one with
-      another shape.
+    ValueError: if ``model`` has no quantized kernel or one stacked over more
+      than one axis; from ``levels_fn``, if ``params`` hold none of the
+      model's quantized kernels, or one with another shape.
   """
   _check_module(model, "levels_fn_for")
-  kernels = _kernel_paths(model)
+  kernels = _quantized_kernels(model, "levels_fn_for")
   if not kernels:
     raise ValueError(
         "levels_fn_for: model has no quantized kernel (no QuantConv/QuantLinear "
@@ -153,22 +158,22 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
   def levels_fn(params: tp.Any) -> tp.Any:
     seen = []
 
-    def leaf_levels(path: Path, leaf: tp.Any) -> jax.Array | None:
-      layer = kernels.get(path)
+    def leaf_levels(name: str, leaf: tp.Any) -> jax.Array | None:
+      layer = kernels.get(name)
       if layer is None:
         return None
-      seen.append(path)
-      if leaf is None or isinstance(leaf, optax.MaskedNode):
+      seen.append(name)
+      if _tree.is_none_or_masked(leaf):
         return None
-      kernel = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+      kernel = _tree.unbox(leaf)
       want = tuple(layer.kernel.shape)
-      if tuple(jnp.shape(kernel)) != want:
+      if tuple(kernel.shape) != want:
         raise ValueError(
-            f"levels_fn: params at '{_name(path)}' have shape {tuple(jnp.shape(kernel))}, "
-            f"but that kernel of the model given to levels_fn_for has shape {want}: "
-            "params must be nnx.state(model, nnx.Param) of that model."
+            f"levels_fn: params at '{name}' have shape {tuple(kernel.shape)}, but that "
+            f"kernel of the model given to levels_fn_for has shape {want}: params must "
+            "be nnx.state(model, nnx.Param) of that model."
         )
-      scale = _frozen_scale(layer, kernel, path)
+      scale = _weight_scale(layer, kernel, name)
       return quantizers.weight_levels(kernel, scale, layer.weight_bits)
 
     out = _map_with_path(leaf_levels, params)
@@ -179,24 +184,11 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
   return levels_fn
 
 
-def _name(path: Path) -> str:
-  return "/".join(str(p) for p in path)
-
-
-def _check_module(model: tp.Any, owner: str) -> None:
-  if not isinstance(model, nnx.Module):
-    raise TypeError(
-        f"{owner}: model must be an nnx.Module (e.g. a SmallCNN, or any module with "
-        f"QuantConv/QuantLinear layers), got model of type {type(model).__name__}."
-    )
-
-
-def _raise_foreign_params(params: tp.Any, kernels: dict[Path, tp.Any]) -> tp.NoReturn:
+def _raise_foreign_params(params: tp.Any, kernels: dict[str, tp.Any]) -> tp.NoReturn:
   """``params`` hold none of the model's quantized kernel paths: say what was expected."""
-  quantizers.raise_if_step_count(params)
-  expected = ", ".join(f"'{_name(p)}'" for p in list(kernels)[:3])
-  got: list[str] = []
-  _map_with_path(lambda path, x: got.append(_name(path) or "<the root>"), params)
+  _checks.raise_if_step_count(params)
+  expected = ", ".join(f"'{name}'" for name in list(kernels)[:3])
+  got = [name or "<the root>" for name, _ in _tree.leaves_with_paths(params)]
   got_text = ", ".join(f"'{g}'" for g in got[:3]) or "no leaves"
   raise ValueError(
       "levels_fn: params hold none of the quantized kernels of the model given to "
@@ -205,13 +197,27 @@ def _raise_foreign_params(params: tp.Any, kernels: dict[Path, tp.Any]) -> tp.NoR
   )
 
 
+def _labelled_state(model: tp.Any, wrt: tp.Any, owner: str
+                    ) -> tuple[nnx.State, dict[str, layers_lib.QuantLayer]]:
+  """Checks the arguments; returns ``nnx.state(model, wrt)`` and the quantized kernels."""
+  _check_module(model, owner)
+  try:
+    nnx.filterlib.to_predicate(wrt)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TypeError(
+        f"{owner}: wrt must be an nnx filter, the one given to nnx.Optimizer "
+        f"(e.g. nnx.Param), got wrt = {wrt!r}."
+    ) from e
+  return nnx.state(model, wrt), _quantized_kernels(model, owner)
+
+
 def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
   """Optimizer-group label of every parameter, for ``optax.partition``.
 
-  Labels: ``'quantized'`` (kernels of quantized layers, the ones TALR drives),
-  ``'activation_scale'`` (:class:`ActivationScale`), ``'batch_norm'`` (scale
-  and bias of ``nnx.BatchNorm``), ``'full_precision'`` (everything else: the
-  first conv, the last linear, biases).
+  Labels: ``'quantized'`` (kernels of quantized layers, the ones TALR drives,
+  stacked or not), ``'activation_scale'`` (:class:`ActivationScale`),
+  ``'batch_norm'`` (scale and bias of ``nnx.BatchNorm``), ``'full_precision'``
+  (everything else: the first conv, the last linear, biases).
 
   Example::
 
@@ -232,27 +238,51 @@ def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
   Raises:
     TypeError: if ``model`` is not an ``nnx.Module`` or ``wrt`` is not an
       nnx filter.
+    ValueError: a quantized kernel stacked over more than one axis.
   """
-  _check_module(model, "param_labels")
-  try:
-    nnx.filterlib.to_predicate(wrt)
-  except Exception as e:  # pylint: disable=broad-except
-    raise TypeError(
-        "param_labels: wrt must be an nnx filter, the one given to nnx.Optimizer "
-        f"(e.g. nnx.Param), got wrt = {wrt!r}."
-    ) from e
-  kernels = _kernel_paths(model)
+  state, kernels = _labelled_state(model, wrt, "param_labels")
   batch_norms = {
-      tuple(path) for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)
+      "/".join(str(p) for p in path)
+      for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)
   }
 
-  def label(path: Path, leaf: tp.Any) -> str:
-    if path in kernels:
+  def label(name: str, leaf: tp.Any) -> str:
+    if name in kernels:
       return QUANTIZED
     if isinstance(leaf, layers_lib.ActivationScale):
       return ACTIVATION_SCALE
-    if path[:-1] in batch_norms:
+    if name.rpartition("/")[0] in batch_norms:
       return BATCH_NORM
     return FULL_PRECISION
 
-  return _map_with_path(label, nnx.state(model, wrt))
+  return _map_with_path(label, state)
+
+
+def layer_axes_for(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
+  """The ``layer_axes`` spec of ``model`` for ``talr_optax.scale_by_talr`` / ``sgdt``.
+
+  Stacked quantized kernels (``L`` layers created under ``nnx.vmap``, one
+  param of shape ``(L, ...)``) get ``0``: the optimizer keeps one transition
+  rate and one learning rate per layer slice. Every other param gets ``None``.
+
+  Args:
+    model: an NNX module.
+    wrt: the filter given to ``nnx.Optimizer`` (default ``nnx.Param``).
+
+  Returns:
+    An ``nnx.State`` with the keys of ``nnx.state(model, wrt)``, like
+    :func:`param_labels`: ``0`` or ``None`` leaves.
+
+  Raises:
+    TypeError: if ``model`` is not an ``nnx.Module`` or ``wrt`` is not an
+      nnx filter.
+    ValueError: a quantized kernel stacked over more than one axis.
+  """
+  state, kernels = _labelled_state(model, wrt, "layer_axes_for")
+
+  def axis(name: str, leaf: tp.Any) -> int | None:
+    del leaf
+    layer = kernels.get(name)
+    return 0 if layer is not None and layer.stack_shape else None
+
+  return _map_with_path(axis, state)

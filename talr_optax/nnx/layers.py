@@ -1,16 +1,22 @@
 """Quantized Flax NNX layers: ``QuantConv`` and ``QuantLinear``.
 
-Both quantize their *input activations* (unsigned, the input is expected to come
-from a ReLU) and their *kernel* with the uniform quantizers of
-:mod:`talr_optax.quantizers`, with straight-through gradients. ``bits=None``
-keeps that side full precision, so the same classes build the full-precision
-model that QAT starts from.
+They are ``nnx.Conv`` and ``nnx.Linear`` (subclasses: same constructor
+arguments, parameters, paths and forward computation) that quantize their
+*input activations* (unsigned: the input is expected to come from a ReLU) and
+their *kernel* with the uniform quantizers of :mod:`talr_optax.quantizers`,
+with straight-through gradients. ``weight_bits=None`` / ``act_bits=None`` keep
+that side full precision; with both ``None`` a layer computes exactly what the
+Flax layer computes, so the same classes build the full-precision model that
+quantization-aware training starts from.
 
-Quantizer state, per layer (METHOD.md, section 2):
+Quantizer state, per layer, as in Lee et al., "Scheduling Weight Transitions
+for Quantization-Aware Training" (ICCV 2025):
 
 * ``weight_scale`` (:class:`WeightScale`, a plain ``nnx.Variable``): the frozen
   weight step size ``s = 3 * std(w)``. It is not an ``nnx.Param``, so
-  ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees or updates it.
+  ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees or updates it; the
+  integer levels ``round(clip(gamma * w / s))`` whose transitions TALR counts
+  are measured on this fixed grid.
 * ``act_scale`` (:class:`ActivationScale`, an ``nnx.Param`` subclass): the
   learned activation step size, initialised to ``3 * std(x) / sqrt(1 - 2/pi)``
   of the first batch. Its own type lets ``param_labels`` route it to its own
@@ -18,14 +24,24 @@ Quantizer state, per layer (METHOD.md, section 2):
 * ``calibrated`` (:class:`Calibrated`, a boolean ``nnx.Variable``): whether the
   two scales above hold their initial values yet.
 
-Calibration is state, not Python control flow, so it works under ``nnx.jit``:
-every forward computes ``jnp.where(calibrated, stored, fresh)``; a forward in
-training mode (``deterministic=False``, what ``model.train()`` sets) writes the
-result back and sets ``calibrated = True``, so the scales are set once, by the
-first training forward, and frozen afterwards. A forward in evaluation mode
-(``model.eval()``) uses fresh scales for an uncalibrated layer but stores
-nothing. :func:`talr_optax.nnx.calibrate` forces (re)calibration from a batch,
-e.g. after loading pretrained full-precision weights.
+Calibration is state, not Python control flow, so it works under ``nnx.jit``
+and ``nnx.scan``: every forward computes ``jnp.where(calibrated, stored,
+fresh)``; a forward in training mode (``deterministic=False``, what
+``model.train()`` sets) writes the result back and sets ``calibrated = True``,
+so the scales are set once, by the first training forward, and frozen
+afterwards. A forward in evaluation mode (``model.eval()``) uses fresh scales
+for an uncalibrated layer but stores nothing. :func:`talr_optax.nnx.calibrate`
+forces (re)calibration from a batch, e.g. after loading pretrained weights.
+
+A batch that defines no step size (empty, or with std 0 such as an all-zero
+batch) or an all-zero kernel does not calibrate the layer: it keeps its
+placeholder step sizes (1.0) for that forward and stays uncalibrated, so the
+next training batch calibrates it. Its state and outputs stay finite.
+
+Stacked layers: a layer created under ``nnx.vmap`` (one kernel of shape
+``(L, ...)`` for ``L`` layers, applied with ``nnx.scan``) gets one weight
+scale, activation scale and flag per layer, shape ``(L,)``. Inside the scan
+each step sees one layer's slices and calibrates it on its own input.
 """
 
 from __future__ import annotations
@@ -37,9 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx.nn import initializers
-from flax.typing import Dtype, Initializer
 
+from talr_optax import _checks
 from talr_optax import quantizers
 
 __all__ = [
@@ -52,6 +67,7 @@ __all__ = [
     "QuantLayer",
     "quantized_layers",
     "validate_layer_bits",
+    "check_rngs",
     "fresh_weight_scale",
     "fresh_activation_scale",
 ]
@@ -59,12 +75,9 @@ __all__ = [
 # Bit widths the layers accept; ``None`` means full precision.
 ACCEPTED_BITS = (1, 2, 3, 4, 8)
 
-# Floor for a freshly computed step size: an all-zero kernel or batch has
-# std 0, and a zero step size would divide by zero in the quantizer.
-_MIN_SCALE = 1e-8
-
-default_kernel_init = initializers.lecun_normal()
-default_bias_init = initializers.zeros_init()
+# Step size of an uncalibrated layer: any positive number keeps the forward
+# finite; it is replaced by the first batch that defines a step size.
+_PLACEHOLDER_SCALE = 1.0
 
 
 class WeightScale(nnx.Variable):
@@ -79,17 +92,14 @@ class Calibrated(nnx.Variable):
   """Boolean flag: the layer's step sizes hold their initial values."""
 
 
-def _is_int(x: tp.Any) -> bool:
-  """A Python or NumPy integer, not a bool."""
-  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
-def validate_layer_bits(bits: tp.Any, name: str) -> int | None:
+def validate_layer_bits(bits: tp.Any, name: str, owner: str | None = None) -> int | None:
   """Returns ``bits`` if it is in ``ACCEPTED_BITS`` or ``None``, else raises.
 
   Args:
-    bits: the bit width to check (a Python or NumPy integer, or ``None``).
+    bits: the bit width to check (a Python or NumPy integer, or ``None`` for
+      full precision).
     name: the argument name quoted in the error.
+    owner: the class or function quoted in front of the error, if any.
 
   Returns:
     ``bits`` as a Python ``int``, or ``None``.
@@ -99,157 +109,69 @@ def validate_layer_bits(bits: tp.Any, name: str) -> int | None:
   """
   if bits is None:
     return None
-  if not _is_int(bits) or int(bits) not in ACCEPTED_BITS:
-    accepted = ", ".join(str(b) for b in ACCEPTED_BITS)
-    raise ValueError(
-        f"{name} must be one of {accepted} or None (full precision), got "
-        f"{name} = {bits!r}."
-    )
-  return int(bits)
+  bits = _checks.check_int(name, bits, 1, 8, owner=owner)
+  return _checks.check_choice(name, bits, ACCEPTED_BITS, owner=owner)
 
 
-def _check_positive_int(value: tp.Any, name: str, owner: str) -> int:
-  """``value`` as an ``int`` if it is an integer >= 1, else a ``ValueError``."""
-  if not _is_int(value) or value < 1:
-    raise ValueError(f"{owner}: {name} must be an integer >= 1, got {name} = {value!r}.")
-  return int(value)
+def check_rngs(rngs: tp.Any, owner: str) -> None:
+  """Raises a ``TypeError`` unless ``rngs`` is an ``nnx.Rngs``.
 
-
-def _check_bool(value: tp.Any, name: str, owner: str) -> bool:
-  """``value`` as a ``bool`` if it is one (Python or NumPy), else a ``ValueError``."""
-  if not isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{owner}: {name} must be True or False, got {name} = {value!r}.")
-  return bool(value)
-
-
-def _check_rngs(rngs: tp.Any, owner: str) -> nnx.Rngs:
-  """Rejects anything but an ``nnx.Rngs`` before a parameter is drawn."""
+  Flax itself would fail later, inside an initializer call, with
+  "'int' object has no attribute 'params'".
+  """
   if not isinstance(rngs, nnx.Rngs):
     raise TypeError(
-        f"{owner}: rngs must be an nnx.Rngs, e.g. rngs=nnx.Rngs(0), got "
-        f"rngs of type {type(rngs).__name__}: {str(rngs)[:60]}"
-    )
-  return rngs
-
-
-def _check_float_dtype(dtype: tp.Any, name: str, owner: str, allow_none: bool) -> None:
-  if dtype is None and allow_none:
-    return
-  try:
-    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-  except TypeError:
-    ok = False
-  if not ok:
-    none = " or None" if allow_none else ""
-    raise ValueError(
-        f"{owner}: {name} must be a floating dtype (e.g. jnp.float32, "
-        f"jnp.bfloat16){none}, got {name} = {dtype!r}."
+        f"{owner}: rngs must be an nnx.Rngs, e.g. rngs=nnx.Rngs(0), got rngs of type "
+        f"{type(rngs).__name__}."
     )
 
 
-def _check_callable(fn: tp.Any, name: str, owner: str) -> None:
-  if not callable(fn):
-    raise TypeError(
-        f"{owner}: {name} must be an initializer, fn(key, shape, dtype) -> array, "
-        f"got {name} of type {type(fn).__name__}."
-    )
+def fresh_weight_scale(kernel: jax.Array, kernel_ndim: int | None = None) -> jax.Array:
+  """The weight step size calibration freezes: ``3 * std(kernel)`` per layer.
 
+  Args:
+    kernel: one layer's kernel, or ``L`` layers' kernels stacked on leading axes.
+    kernel_ndim: rank of one layer's kernel (default: ``kernel.ndim``).
 
-def _check_common(owner: str, *, in_features, out_features, weight_bits, act_bits, use_bias,
-                  multiply_scale, deterministic, dtype, param_dtype, kernel_init, bias_init,
-                  rngs) -> tuple[int, int]:
-  """Checks of the arguments QuantConv and QuantLinear share; returns the sizes."""
-  validate_layer_bits(weight_bits, "weight_bits")
-  validate_layer_bits(act_bits, "act_bits")
-  in_features = _check_positive_int(in_features, "in_features", owner)
-  out_features = _check_positive_int(out_features, "out_features", owner)
-  for name, value in (("use_bias", use_bias), ("multiply_scale", multiply_scale),
-                      ("deterministic", deterministic)):
-    _check_bool(value, name, owner)
-  _check_float_dtype(dtype, "dtype", owner, allow_none=True)
-  _check_float_dtype(param_dtype, "param_dtype", owner, allow_none=False)
-  _check_callable(kernel_init, "kernel_init", owner)
-  _check_callable(bias_init, "bias_init", owner)
-  _check_rngs(rngs, owner)
-  return in_features, out_features
-
-
-def _int_tuple(value: tp.Any, name: str, owner: str, rank: int | None,
-               minimum: int) -> tuple[int, ...]:
-  """An int (repeated ``rank`` times) or a sequence of ints, each >= ``minimum``."""
-  if _is_int(value):
-    values = (value,) * (rank or 2)
-  elif isinstance(value, tp.Sequence) and not isinstance(value, str):
-    values = tuple(value)
-  else:
-    values = None
-  shape = f"{rank} integers" if rank else "a non-empty sequence of integers"
-  if (values is None or not values or (rank is not None and len(values) != rank)
-      or not all(_is_int(v) and v >= minimum for v in values)):
-    raise ValueError(
-        f"{owner}: {name} must be an integer >= {minimum} or {shape} >= {minimum}"
-        f", got {name} = {value!r}."
-    )
-  return tuple(int(v) for v in values)
-
-
-_PADDING_STRINGS = ("SAME", "SAME_LOWER", "VALID")
-
-
-def _check_padding(padding: tp.Any, rank: int, owner: str) -> str | list[tuple[int, int]]:
-  """``'SAME'``, ``'SAME_LOWER'``, ``'VALID'``, an int >= 0 or ``rank`` (low, high) pairs."""
-  if isinstance(padding, str) and padding.upper() in _PADDING_STRINGS:
-    return padding.upper()
-  if _is_int(padding) and padding >= 0:
-    return [(int(padding), int(padding))] * rank
-  if isinstance(padding, tp.Sequence) and not isinstance(padding, str):
-    pairs = list(padding)
-    if len(pairs) == rank and all(
-        isinstance(p, tp.Sequence) and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
-        for p in pairs):
-      return [(int(lo), int(hi)) for lo, hi in pairs]
-  raise ValueError(
-      f"{owner}: padding must be one of {', '.join(repr(p) for p in _PADDING_STRINGS)}, "
-      f"an integer >= 0, or {rank} (low, high) pairs of integers >= 0 (one per spatial "
-      f"axis), got padding = {padding!r}."
-  )
-
-
-def _check_inputs(inputs: tp.Any, owner: str, in_features: int,
-                  ndim: int | None = None, shape_doc: str = "") -> None:
-  """Rejects a non-array, or an array of another rank or feature size, at the call."""
-  if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
-    raise TypeError(
-        f"{owner}: inputs must be an array (jax.Array or numpy.ndarray) of shape "
-        f"{shape_doc}, got inputs of type {type(inputs).__name__}."
-    )
-  shape = tuple(inputs.shape)
-  if (ndim is not None and len(shape) != ndim) or not shape or shape[-1] != in_features:
-    raise ValueError(
-        f"{owner}: inputs must have shape {shape_doc} with in_features = {in_features}, "
-        f"got inputs of shape {shape}."
-    )
-
-
-def fresh_weight_scale(kernel: jax.Array) -> jax.Array:
-  """The weight step size calibration freezes: ``3 * std(kernel)`` (per tensor)."""
-  return jnp.maximum(quantizers.initial_weight_scale(kernel), _MIN_SCALE)
+  Returns:
+    A scalar, or one step size per layer (shape: the leading stack axes).
+    0 for a constant kernel, which no forward calibrates from.
+  """
+  kernel = jnp.asarray(kernel)
+  kernel_ndim = kernel.ndim if kernel_ndim is None else kernel_ndim
+  axes = tuple(range(kernel.ndim - kernel_ndim, kernel.ndim))
+  return jnp.squeeze(quantizers.initial_weight_scale(kernel, axis=axes), axes)
 
 
 def fresh_activation_scale(x: jax.Array) -> jax.Array:
-  """The first activation step size: ``3 * std(x) / sqrt(1 - 2/pi)``."""
-  return jnp.maximum(quantizers.initial_activation_scale(x), _MIN_SCALE)
+  """The first activation step size: ``3 * std(x) / sqrt(1 - 2/pi)``.
+
+  0 for a constant batch and NaN for an empty one: neither calibrates a layer.
+  """
+  return quantizers.initial_activation_scale(x)
+
+
+def _usable(scale: jax.Array) -> jax.Array:
+  """True where ``scale`` is a step size the quantizer can divide by."""
+  return jnp.isfinite(scale) & (scale > 0)
+
+
+def _per_layer(x: jax.Array, kernel_ndim: int) -> jax.Array:
+  """``(L,)`` per-layer values as ``(L, 1, ..., 1)``, to broadcast against a stacked kernel."""
+  return jnp.reshape(x, jnp.shape(x) + (1,) * kernel_ndim)
 
 
 class QuantLayer(nnx.Module):
   """Quantizer state and logic shared by :class:`QuantConv` and :class:`QuantLinear`.
 
-  Subclasses create ``self.kernel`` and then call :meth:`_init_quantizers`.
+  Subclasses build the Flax layer first and then call :meth:`_init_quantizers`.
   """
 
   kernel: nnx.Param
+  kernel_ndim: int
   weight_bits: int | None
   act_bits: int | None
+  multiply_scale: bool
   deterministic: bool
 
   def _init_quantizers(
@@ -257,21 +179,22 @@ class QuantLayer(nnx.Module):
       *,
       weight_bits: int | None,
       act_bits: int | None,
-      multiply_scale: bool,
+      multiply_scale: bool | None,
       deterministic: bool,
-      param_dtype: Dtype,
+      kernel_ndim: int,
   ) -> None:
-    self.weight_bits = validate_layer_bits(weight_bits, "weight_bits")
-    self.act_bits = validate_layer_bits(act_bits, "act_bits")
-    self.multiply_scale = multiply_scale
+    self.weight_bits = weight_bits
+    self.act_bits = act_bits
+    self.multiply_scale = bool(multiply_scale)
     self.deterministic = deterministic
-    # Placeholders until calibration; 0 makes an unset scale easy to spot.
-    if self.weight_bits is not None:
-      self.weight_scale = WeightScale(jnp.zeros((), param_dtype))
+    self.kernel_ndim = kernel_ndim
+    placeholder = jnp.asarray(_PLACEHOLDER_SCALE, self.param_dtype)
+    if weight_bits is not None:
+      self.weight_scale = WeightScale(placeholder)
     else:
       self.weight_scale = nnx.data(None)
-    if self.act_bits is not None:
-      self.act_scale = ActivationScale(jnp.zeros((), param_dtype))
+    if act_bits is not None:
+      self.act_scale = ActivationScale(placeholder)
     else:
       self.act_scale = nnx.data(None)
     if self.is_quantized:
@@ -284,205 +207,267 @@ class QuantLayer(nnx.Module):
     """True if the kernel or the input is quantized."""
     return self.weight_bits is not None or self.act_bits is not None
 
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """``()`` for one layer; ``(L,)`` for ``L`` layers created under ``nnx.vmap``."""
+    return tuple(self.kernel.shape[: len(self.kernel.shape) - self.kernel_ndim])
+
   def set_view(self, deterministic: bool | None = None) -> None:
     """Used by ``nnx.view``: ``deterministic=True`` stops calibration writes."""
     if deterministic is not None:
       self.deterministic = deterministic
 
-  def current_weight_scale(self) -> jax.Array:
-    """The weight step size a forward pass would use now (frozen or fresh)."""
+  def weight_scale_for(self, kernel: jax.Array | None = None) -> jax.Array:
+    """The weight step size(s) a forward pass would quantize ``kernel`` with now.
+
+    Args:
+      kernel: this layer's kernel (default) or another value of it (same shape).
+
+    Returns:
+      The frozen scale of each calibrated layer; for an uncalibrated one the
+      scale its calibration would freeze (``3 * std(kernel)``, or the
+      placeholder for a constant kernel). Shaped to broadcast against
+      ``kernel`` (``(L, 1, ..., 1)`` for a stacked kernel).
+
+    Raises:
+      ValueError: if the layer's kernel is not quantized (``weight_bits=None``).
+    """
     if self.weight_bits is None:
-      raise ValueError("current_weight_scale needs weight_bits, got weight_bits = None.")
-    fresh = fresh_weight_scale(self.kernel[...])
-    return jnp.where(self.calibrated[...], self.weight_scale[...], fresh)
+      raise ValueError("weight_scale_for needs weight_bits, got weight_bits = None.")
+    kernel = self.kernel[...] if kernel is None else kernel
+    calibrated, stored = self.calibrated[...], self.weight_scale[...]
+    if not isinstance(calibrated, jax.core.Tracer) and np.all(np.asarray(calibrated)):
+      # Known to be frozen: skip the fresh std (which a caller tracing
+      # ``kernel``, e.g. levels_fn in a jitted update, would compute every step).
+      return _per_layer(stored, self.kernel_ndim)
+    fresh = fresh_weight_scale(kernel, self.kernel_ndim)
+    keep = calibrated | ~_usable(fresh)
+    return _per_layer(jnp.where(keep, stored, fresh), self.kernel_ndim)
 
   def levels(self) -> jax.Array:
-    """Integer (int8) levels of the current kernel under the current weight scale."""
-    return quantizers.weight_levels(
-        self.kernel[...], self.current_weight_scale(), self.weight_bits
-    )
+    """Integer (int8) levels of the current kernel under :meth:`weight_scale_for`."""
+    return quantizers.weight_levels(self.kernel[...], self.weight_scale_for(), self.weight_bits)
 
   def _quantize(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(x_q, w_q)``; in training mode stores first-call scales."""
+    """Returns ``(x_q, w_q)``; in training mode stores first-batch scales."""
     kernel = self.kernel[...]
     if not self.is_quantized:
       return inputs, kernel
     calibrated = self.calibrated[...]
+    fresh_w = fresh_weight_scale(kernel) if self.weight_bits is not None else None
+    fresh_a = fresh_activation_scale(inputs) if self.act_bits is not None else None
+    # An empty or constant batch (or kernel) defines no step size: keep the
+    # placeholder and let a later batch calibrate.
+    usable = jnp.all(jnp.stack([_usable(s) for s in (fresh_w, fresh_a) if s is not None]))
+    take_fresh = ~calibrated & usable
     x, w = inputs, kernel
     if self.act_bits is not None:
       stored = self.act_scale[...]
-      scale = jnp.where(calibrated, stored, fresh_activation_scale(inputs))
+      scale = jnp.where(take_fresh, fresh_a, stored)
       if not self.deterministic:
         self.act_scale[...] = scale
       # Value of the fresh scale, gradient of the parameter: as if the
       # parameter had been set before this forward (the reference behaviour).
       scale = stored + jax.lax.stop_gradient(scale - stored)
       x = quantizers.fake_quant_activation(inputs, scale, self.act_bits)
+      if self.multiply_scale:
+        x = x * scale
     if self.weight_bits is not None:
       # A constant for the STE: no gradient flows through std(kernel) on the
       # calibrating forward.
-      scale = jax.lax.stop_gradient(
-          jnp.where(calibrated, self.weight_scale[...], fresh_weight_scale(kernel))
-      )
+      scale = jax.lax.stop_gradient(jnp.where(take_fresh, fresh_w, self.weight_scale[...]))
       if not self.deterministic:
         self.weight_scale[...] = scale
       w = quantizers.fake_quant_weight(
-          kernel, scale, self.weight_bits, multiply_scale=self.multiply_scale
-      )
+          kernel, scale, self.weight_bits, multiply_scale=self.multiply_scale)
     if not self.deterministic:
-      self.calibrated[...] = jnp.array(True)
+      self.calibrated[...] = calibrated | usable
     return x, w
 
 
-class QuantConv(QuantLayer):
-  """Convolution with quantized input activations and kernel.
+class _WithKernel:
+  """``layer`` as Flax's forward sees it, with ``kernel[...]`` reading ``kernel``.
 
-  Channels-last (NHWC for 2-D) like ``nnx.Conv``; its ``kernel`` and ``bias``
-  have the same names and shapes, so a full-precision ``nnx.Conv`` checkpoint
-  loads into it.
+  Lets ``nnx.Conv.__call__`` / ``nnx.Linear.__call__`` (padding modes, masks,
+  dtype promotion, batch axes, injected ops) run unchanged on the quantized
+  kernel instead of the latent one.
+  """
+
+  def __init__(self, layer: nnx.Module, kernel: jax.Array):
+    self._layer = layer
+    self.kernel = kernel  # an array: kernel[...] is the array itself
+
+  def __getattr__(self, name: str) -> tp.Any:
+    return getattr(self._layer, name)
+
+
+def _check_quantizer_args(owner: str, *, in_features: tp.Any, out_features: tp.Any,
+                          weight_bits: tp.Any, act_bits: tp.Any, multiply_scale: tp.Any,
+                          deterministic: tp.Any, rngs: tp.Any) -> tuple[int | None, int | None]:
+  """Checks the arguments Flax does not check, before any parameter is drawn.
+
+  Returns ``(weight_bits, act_bits)`` as ints or ``None``.
+  """
+  _checks.check_int("in_features", in_features, owner=owner)
+  _checks.check_int("out_features", out_features, owner=owner)
+  weight_bits = validate_layer_bits(weight_bits, "weight_bits", owner)
+  act_bits = validate_layer_bits(act_bits, "act_bits", owner)
+  if (weight_bits is not None or act_bits is not None) and multiply_scale is None:
+    raise ValueError(
+        f"{owner}: multiply_scale must be given (True or False) for a quantized layer: "
+        "False when a batch norm follows the layer and absorbs the step size (the "
+        "paper's conv nets), True when nothing does (e.g. a transformer's linear "
+        "layers), so that the output keeps the scale of a full-precision layer."
+    )
+  if multiply_scale is not None:
+    _checks.check_bool("multiply_scale", multiply_scale, owner=owner)
+  _checks.check_bool("deterministic", deterministic, owner=owner)
+  check_rngs(rngs, owner)
+  return weight_bits, act_bits
+
+
+class QuantConv(QuantLayer, nnx.Conv):
+  """``nnx.Conv`` with quantized input activations and kernel.
+
+  Takes every argument of ``nnx.Conv`` with the same meaning and default
+  (``kernel_size=(3, 3)`` for a 2-D conv, an int is a 1-D kernel; ``strides``,
+  ``padding``, ``input_dilation``, ``kernel_dilation``,
+  ``feature_group_count`` (``= in_features`` for a depthwise conv),
+  ``use_bias``, ``mask``, ``dtype``, ``param_dtype``, ``precision``,
+  ``kernel_init``, ``bias_init``, ``conv_general_dilated``, ``promote_dtype``,
+  ``preferred_element_type``, ``kernel_metadata``, ``bias_metadata``), plus
+  the quantizer arguments below. Its ``kernel`` and ``bias`` have the same
+  names and shapes, so an ``nnx.Conv`` checkpoint loads into it.
+
+  The forward is ``nnx.Conv``'s on ``(x_q, w_q)``: the input and kernel are
+  quantized first; a ``mask`` then multiplies the quantized kernel.
 
   Example::
 
     >>> from flax import nnx
     >>> import jax.numpy as jnp
-    >>> conv = QuantConv(in_features=3, out_features=4, kernel_size=3,
-    ...                  weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
+    >>> conv = QuantConv(3, 4, kernel_size=(3, 3), use_bias=False,
+    ...                  weight_bits=2, act_bits=2, multiply_scale=False,
+    ...                  rngs=nnx.Rngs(0))
     >>> conv(jnp.ones((1, 8, 8, 3))).shape
     (1, 8, 8, 4)
 
   Args:
     in_features: number of input channels (>= 1).
     out_features: number of output channels (>= 1).
-    kernel_size: a non-empty sequence of ints >= 1, or an int for a square
-      2-D kernel (unlike ``nnx.Conv``, where an int means a 1-D kernel).
-    strides: an int >= 1 or one int >= 1 per spatial axis (default 1).
-    padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'``, an int >= 0, or one
-      ``(low, high)`` pair of ints >= 0 per spatial axis.
+    kernel_size: as ``nnx.Conv``; entries >= 1.
+    strides: as ``nnx.Conv``.
     weight_bits: kernel bits in ``{1, 2, 3, 4, 8}``; ``None`` keeps it full
       precision.
     act_bits: input activation bits in ``{1, 2, 3, 4, 8}``; ``None`` keeps
-      the input full precision.
-    use_bias: add a full-precision bias (default False: a batch norm follows).
-    multiply_scale: multiply the quantized kernel by its step size (for a
-      layer without a batch norm after it). Levels are unchanged.
+      the input full precision. Inputs are quantized unsigned: negative
+      values clip to level 0.
+    multiply_scale: required for a quantized layer. ``False``: the quantized
+      values are ``w_d / gamma`` and ``a_d / gamma`` (the paper's conv nets,
+      where the batch norm after the conv absorbs the step sizes). ``True``:
+      they are multiplied back by their step sizes (``w_q ~ w``, ``x_q ~ x``)
+      for a layer without a normalization after it. Levels do not change.
     deterministic: evaluation mode (no calibration writes); ``model.train()``
       and ``model.eval()`` set it.
-    dtype: computation dtype (default: that of the inputs and params).
-    param_dtype: dtype of the parameters and scales.
-    kernel_init: kernel initializer.
-    bias_init: bias initializer.
     rngs: random number generators (``rngs.params()`` draws the kernel).
+    **kwargs: the other keyword arguments of ``nnx.Conv``.
 
   Raises:
-    ValueError: an argument out of its range (named in the message), checked
-      before any parameter is drawn; at the call, ``inputs`` of another rank
-      or feature size.
-    TypeError: ``rngs`` that is not an ``nnx.Rngs``, an initializer that is
-      not callable; at the call, ``inputs`` that is not an array.
+    ValueError: bits outside the accepted values, ``multiply_scale`` missing
+      for a quantized layer, a size or ``kernel_size`` entry not an int >= 1,
+      ``feature_group_count`` not dividing both feature counts (named in the
+      message), checked before any parameter is drawn.
+    TypeError: ``rngs`` that is not an ``nnx.Rngs``.
   """
 
   def __init__(
       self,
-      *,
       in_features: int,
       out_features: int,
       kernel_size: int | tp.Sequence[int],
-      strides: int | tp.Sequence[int] = 1,
-      padding: str | int | tp.Sequence[tuple[int, int]] = "SAME",
+      strides: int | tp.Sequence[int] | None = 1,
+      *,
       weight_bits: int | None,
       act_bits: int | None,
-      use_bias: bool = False,
-      multiply_scale: bool = False,
+      multiply_scale: bool | None = None,
       deterministic: bool = False,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
       rngs: nnx.Rngs,
+      **kwargs: tp.Any,
   ):
-    # Validate before drawing any random numbers.
-    in_features, out_features = _check_common(
-        "QuantConv", in_features=in_features, out_features=out_features,
-        weight_bits=weight_bits, act_bits=act_bits, use_bias=use_bias,
-        multiply_scale=multiply_scale, deterministic=deterministic, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
-    kernel_size = _int_tuple(kernel_size, "kernel_size", "QuantConv", None, 1)
-    rank = len(kernel_size)
-    self.kernel_size = kernel_size
-    self.strides = _int_tuple(strides, "strides", "QuantConv", rank, 1)
-    self.padding = _check_padding(padding, rank, "QuantConv")
-    self.in_features = in_features
-    self.out_features = out_features
-    self.use_bias = use_bias
-    self.dtype = dtype
-    self.kernel = nnx.Param(
-        kernel_init(rngs.params(), (*kernel_size, in_features, out_features), param_dtype)
-    )
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-    else:
-      self.bias = nnx.data(None)
+    owner = "QuantConv"
+    weight_bits, act_bits = _check_quantizer_args(
+        owner, in_features=in_features, out_features=out_features, weight_bits=weight_bits,
+        act_bits=act_bits, multiply_scale=multiply_scale, deterministic=deterministic,
+        rngs=rngs)
+    # An int is a 1-D kernel, as in nnx.Conv.
+    sizes = (kernel_size,) if isinstance(kernel_size, numbers.Integral) else tuple(kernel_size)
+    if not sizes:
+      raise ValueError(
+          f"{owner}: kernel_size must not be empty, got kernel_size = {kernel_size!r}.")
+    for size in sizes:
+      _checks.check_int("kernel_size", size, owner=owner)
+    groups = _checks.check_int("feature_group_count", kwargs.get("feature_group_count", 1),
+                               owner=owner)
+    if in_features % groups or out_features % groups:
+      raise ValueError(
+          f"{owner}: feature_group_count must divide in_features and out_features (a "
+          f"depthwise conv has feature_group_count = in_features), got feature_group_count "
+          f"= {groups}, in_features = {in_features}, out_features = {out_features}."
+      )
+    super().__init__(int(in_features), int(out_features), sizes, strides, rngs=rngs, **kwargs)
     self._init_quantizers(
         weight_bits=weight_bits,
         act_bits=act_bits,
         multiply_scale=multiply_scale,
         deterministic=deterministic,
-        param_dtype=param_dtype,
+        kernel_ndim=len(sizes) + 2,
     )
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """Quantizes input and kernel, then convolves.
+  def __call__(self, inputs: jax.Array, out_sharding: tp.Any = None) -> jax.Array:
+    """Quantizes input and kernel, then convolves as ``nnx.Conv``.
 
     Args:
-      inputs: ``(batch, *spatial, in_features)``, non-negative if ``act_bits``
-        is set (negative values clip to level 0).
+      inputs: ``(*batch, *spatial, in_features)``, channels last; expected
+        non-negative if ``act_bits`` is set.
+      out_sharding: as ``nnx.Conv``.
 
     Returns:
-      ``(batch, *spatial_out, out_features)``.
+      ``(*batch, *spatial_out, out_features)``.
     """
-    rank = len(self.kernel_size)
-    _check_inputs(inputs, "QuantConv", self.in_features, rank + 2,
-                  f"(batch, {rank} spatial axes, features)")
-    x, kernel = self._quantize(inputs)
-    dtype = self.dtype or jnp.result_type(x, kernel)
-    spatial = tuple(range(1, rank + 1))
-    # Channels-last input/output, (spatial..., in, out) kernel, as nnx.Conv.
-    dimension_numbers = jax.lax.ConvDimensionNumbers(
-        lhs_spec=(0, rank + 1, *spatial),
-        rhs_spec=(rank + 1, rank, *range(rank)),
-        out_spec=(0, rank + 1, *spatial),
-    )
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype),
-        kernel.astype(dtype),
-        window_strides=self.strides,
-        padding=self.padding,
-        dimension_numbers=dimension_numbers,
-    )
-    if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
-    return y
+    x, w = self._quantize(inputs)
+    return nnx.Conv.__call__(_WithKernel(self, w), x, out_sharding=out_sharding)
 
 
-class QuantLinear(QuantLayer):
-  """Dense layer over the last axis with quantized input and kernel.
+class QuantLinear(QuantLayer, nnx.Linear):
+  """``nnx.Linear`` with quantized input activations and kernel.
 
-  Its ``kernel`` (``(in_features, out_features)``) and ``bias`` match
-  ``nnx.Linear``.
+  Takes every argument of ``nnx.Linear`` with the same meaning and default
+  (``use_bias``, ``dtype``, ``param_dtype``, ``precision``, ``kernel_init``,
+  ``bias_init``, ``dot_general``, ``promote_dtype``,
+  ``preferred_element_type``, ``kernel_metadata``, ``bias_metadata``), plus
+  the quantizer arguments of :class:`QuantConv`. Its ``kernel``
+  (``(in_features, out_features)``) and ``bias`` match ``nnx.Linear``.
+
+  Example::
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> layer = QuantLinear(16, 4, weight_bits=4, act_bits=None,
+    ...                     multiply_scale=True, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 3, 16))).shape
+    (2, 3, 4)
 
   Args:
     in_features: input size (>= 1).
     out_features: output size (>= 1).
     weight_bits: kernel bits in ``{1, 2, 3, 4, 8}`` or ``None``.
-    act_bits: input activation bits in ``{1, 2, 3, 4, 8}`` or ``None``.
-    use_bias: add a full-precision bias (default True).
-    multiply_scale: multiply the quantized kernel by its step size.
+    act_bits: input activation bits in ``{1, 2, 3, 4, 8}`` or ``None``
+      (unsigned: for inputs that come from a ReLU).
+    multiply_scale: required for a quantized layer; see :class:`QuantConv`.
+      ``True`` for a layer no normalization follows.
     deterministic: evaluation mode (no calibration writes).
-    dtype: computation dtype (default: that of the inputs and params).
-    param_dtype: dtype of the parameters and scales.
-    kernel_init: kernel initializer.
-    bias_init: bias initializer.
     rngs: random number generators.
+    **kwargs: the other keyword arguments of ``nnx.Linear``.
 
   Raises:
     ValueError, TypeError: as :class:`QuantConv`.
@@ -490,60 +475,41 @@ class QuantLinear(QuantLayer):
 
   def __init__(
       self,
-      *,
       in_features: int,
       out_features: int,
+      *,
       weight_bits: int | None,
       act_bits: int | None,
-      use_bias: bool = True,
-      multiply_scale: bool = False,
+      multiply_scale: bool | None = None,
       deterministic: bool = False,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      kernel_init: Initializer = default_kernel_init,
-      bias_init: Initializer = default_bias_init,
       rngs: nnx.Rngs,
+      **kwargs: tp.Any,
   ):
-    in_features, out_features = _check_common(
+    weight_bits, act_bits = _check_quantizer_args(
         "QuantLinear", in_features=in_features, out_features=out_features,
-        weight_bits=weight_bits, act_bits=act_bits, use_bias=use_bias,
-        multiply_scale=multiply_scale, deterministic=deterministic, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
-    self.in_features = in_features
-    self.out_features = out_features
-    self.use_bias = use_bias
-    self.dtype = dtype
-    self.kernel = nnx.Param(
-        kernel_init(rngs.params(), (in_features, out_features), param_dtype)
-    )
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-    else:
-      self.bias = nnx.data(None)
+        weight_bits=weight_bits, act_bits=act_bits, multiply_scale=multiply_scale,
+        deterministic=deterministic, rngs=rngs)
+    super().__init__(int(in_features), int(out_features), rngs=rngs, **kwargs)
     self._init_quantizers(
         weight_bits=weight_bits,
         act_bits=act_bits,
         multiply_scale=multiply_scale,
         deterministic=deterministic,
-        param_dtype=param_dtype,
+        kernel_ndim=2,
     )
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """Quantizes input and kernel, then applies ``x @ w + b``.
+  def __call__(self, inputs: jax.Array, out_sharding: tp.Any = None) -> jax.Array:
+    """Quantizes input and kernel, then applies ``x_q @ w_q + b`` as ``nnx.Linear``.
 
     Args:
       inputs: ``(..., in_features)``.
+      out_sharding: as ``nnx.Linear``.
 
     Returns:
       ``(..., out_features)``.
     """
-    _check_inputs(inputs, "QuantLinear", self.in_features, None, "(..., in_features)")
-    x, kernel = self._quantize(inputs)
-    dtype = self.dtype or jnp.result_type(x, kernel)
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
-    return y
+    x, w = self._quantize(inputs)
+    return nnx.Linear.__call__(_WithKernel(self, w), x, out_sharding=out_sharding)
 
 
 def quantized_layers(model: nnx.Module) -> list[tuple[tuple[tp.Any, ...], QuantLayer]]:
@@ -554,7 +520,8 @@ def quantized_layers(model: nnx.Module) -> list[tuple[tuple[tp.Any, ...], QuantL
 
   Returns:
     ``[(path, layer), ...]`` in ``nnx.iter_modules`` order; ``path`` is the
-    tuple of attribute names / list indices leading to the layer.
+    tuple of attribute names / list indices leading to the layer. A layer
+    created under ``nnx.vmap`` appears once, with stacked variables.
   """
   return [
       (tuple(path), module)

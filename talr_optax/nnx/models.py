@@ -1,17 +1,21 @@
 """Small quantizable models and the full-precision -> QAT hand-over.
 
-Both models keep the first convolution and the last linear layer full
-precision and put a batch norm after every quantized convolution (the batch
-norm absorbs the step size the quantizer does not multiply back; METHOD.md,
-section 2). With ``weight_bits=None, act_bits=None`` they are plain
-full-precision models with the same parameter paths, which is what
-:func:`load_full_precision` relies on:
+All models keep the first convolution and the last linear layer full
+precision and put a batch norm after every quantized convolution, which
+absorbs the step sizes the quantizers do not multiply back
+(``multiply_scale=False``, as in Lee et al., ICCV 2025). With
+``weight_bits=None, act_bits=None`` they are plain full-precision models with
+the same parameter paths, which is what :func:`load_full_precision` relies on:
 
     fp = ResNet20(weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
     ...train fp...
     qat = ResNet20(weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
     load_full_precision(qat, fp)
     calibrate(qat, first_batch)
+
+Activations are quantized unsigned, so only at the input of a conv that
+follows a ReLU (or ReLU6); a conv whose input can be negative quantizes its
+kernel only.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from talr_optax import _checks
 from talr_optax.nnx import layers as layers_lib
 from talr_optax.nnx.layers import QuantConv
 
@@ -31,6 +36,8 @@ __all__ = [
     "SmallCNN",
     "BasicBlock",
     "ResNet20",
+    "InvertedResidual",
+    "MobileNetV2Tiny",
     "calibrate",
     "reset_calibration",
     "load_full_precision",
@@ -45,16 +52,28 @@ he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 def _validate(owner: str, weight_bits: tp.Any, act_bits: tp.Any, rngs: tp.Any,
               **sizes: tp.Any) -> dict[str, int]:
   """Checks a model's arguments before any parameter is drawn; returns the sizes as ints."""
-  layers_lib.validate_layer_bits(weight_bits, "weight_bits")
-  layers_lib.validate_layer_bits(act_bits, "act_bits")
-  out = {name: layers_lib._check_positive_int(v, name, owner) for name, v in sizes.items()}
-  layers_lib._check_rngs(rngs, owner)
-  return out
+  layers_lib.validate_layer_bits(weight_bits, "weight_bits", owner)
+  layers_lib.validate_layer_bits(act_bits, "act_bits", owner)
+  layers_lib.check_rngs(rngs, owner)
+  return {name: _checks.check_int(name, v, owner=owner) for name, v in sizes.items()}
 
 
 def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
   # momentum 0.9 is PyTorch's 0.1 (the reference code's setting).
   return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+def _stem(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Conv:
+  """The full-precision first conv (3x3, no bias: a batch norm follows)."""
+  return nnx.Conv(in_features, out_features, (3, 3), use_bias=False, kernel_init=he_normal,
+                  rngs=rngs)
+
+
+def _qconv(weight_bits: int | None, act_bits: int | None, rngs: nnx.Rngs,
+           kernel_size: tuple[int, ...] = (3, 3)) -> tp.Callable[..., QuantConv]:
+  """A QuantConv factory for convs followed by a batch norm (no bias, scales absorbed)."""
+  return partial(QuantConv, kernel_size=kernel_size, use_bias=False, weight_bits=weight_bits,
+                 act_bits=act_bits, multiply_scale=False, kernel_init=he_normal, rngs=rngs)
 
 
 class SmallCNN(nnx.Module):
@@ -90,16 +109,12 @@ class SmallCNN(nnx.Module):
     sizes = _validate("SmallCNN", weight_bits, act_bits, rngs, in_channels=in_channels,
                       num_classes=num_classes, width=width)
     in_channels, num_classes, width = (sizes[k] for k in ("in_channels", "num_classes", "width"))
-    qconv = partial(QuantConv, kernel_size=3, weight_bits=weight_bits, act_bits=act_bits,
-                    kernel_init=he_normal, rngs=rngs)
-    self.conv1 = QuantConv(
-        in_features=in_channels, out_features=width, kernel_size=3,
-        weight_bits=None, act_bits=None, kernel_init=he_normal, rngs=rngs,
-    )
+    qconv = _qconv(weight_bits, act_bits, rngs)
+    self.conv1 = _stem(in_channels, width, rngs)
     self.bn1 = _batch_norm(width, rngs)
-    self.conv2 = qconv(in_features=width, out_features=2 * width, strides=2)
+    self.conv2 = qconv(width, 2 * width, strides=2)
     self.bn2 = _batch_norm(2 * width, rngs)
-    self.conv3 = qconv(in_features=2 * width, out_features=2 * width, strides=2)
+    self.conv3 = qconv(2 * width, 2 * width, strides=2)
     self.bn3 = _batch_norm(2 * width, rngs)
     self.linear = nnx.Linear(2 * width, num_classes, kernel_init=he_normal, rngs=rngs)
 
@@ -123,6 +138,9 @@ def _shortcut_a(x: jax.Array, out_features: int, stride: int) -> jax.Array:
 
 class BasicBlock(nnx.Module):
   """ResNet basic block with two quantized 3x3 convs and an option-A shortcut.
+
+  Both convs read ReLU outputs (the block input is the previous block's
+  ReLU output), so both quantize their inputs.
 
   Args:
     in_features: input channels.
@@ -158,11 +176,10 @@ class BasicBlock(nnx.Module):
           f"zero-pads channels, it cannot drop them), got in_features = {in_features}, "
           f"out_features = {out_features}."
       )
-    qconv = partial(QuantConv, kernel_size=3, weight_bits=weight_bits, act_bits=act_bits,
-                    kernel_init=he_normal, rngs=rngs)
-    self.conv1 = qconv(in_features=in_features, out_features=out_features, strides=stride)
+    qconv = _qconv(weight_bits, act_bits, rngs)
+    self.conv1 = qconv(in_features, out_features, strides=stride)
     self.bn1 = _batch_norm(out_features, rngs)
-    self.conv2 = qconv(in_features=out_features, out_features=out_features)
+    self.conv2 = qconv(out_features, out_features)
     self.bn2 = _batch_norm(out_features, rngs)
     self.stride = stride
     self.out_features = out_features
@@ -206,10 +223,7 @@ class ResNet20(nnx.Module):
     sizes = _validate("ResNet20", weight_bits, act_bits, rngs, in_channels=in_channels,
                       num_classes=num_classes)
     in_channels, num_classes = sizes["in_channels"], sizes["num_classes"]
-    self.conv1 = QuantConv(
-        in_features=in_channels, out_features=16, kernel_size=3,
-        weight_bits=None, act_bits=None, kernel_init=he_normal, rngs=rngs,
-    )
+    self.conv1 = _stem(in_channels, 16, rngs)
     self.bn1 = _batch_norm(16, rngs)
     blocks = []
     in_features = 16
@@ -229,6 +243,129 @@ class ResNet20(nnx.Module):
     x = nnx.relu(self.bn1(self.conv1(x)))
     for block in self.blocks:
       x = block(x)
+    return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+class InvertedResidual(nnx.Module):
+  """MobileNetV2 inverted residual block (Sandler et al., 2018), quantized.
+
+  1x1 expand conv - BN - ReLU6 - 3x3 depthwise conv (``feature_group_count``
+  = channels) - BN - ReLU6 - 1x1 project conv - BN, plus the input when
+  ``stride == 1`` and the channel count is unchanged. The projection has no
+  ReLU (the linear bottleneck), so the block output, and so the next block's
+  input, can be negative.
+
+  Where activations are quantized (unsigned): at the inputs of the depthwise
+  and project convs, which follow a ReLU6. The expand conv reads the block
+  input (a linear bottleneck), so only its kernel is quantized. With
+  ``expand_ratio=1`` there is no expand conv and the depthwise conv reads the
+  block input itself, quantized: use it only on a non-negative input (e.g.
+  right after a ReLU stem, as in :class:`MobileNetV2Tiny`).
+
+  Args:
+    in_features: input channels.
+    out_features: output channels.
+    stride: stride of the depthwise conv.
+    expand_ratio: hidden channels are ``expand_ratio * in_features``.
+    weight_bits: kernel bits of all three convs, or ``None``.
+    act_bits: input bits of the depthwise and project convs, or ``None``.
+    rngs: random number generators.
+
+  Raises:
+    ValueError: a size, ``stride`` or ``expand_ratio`` not an int >= 1, bad bits.
+    TypeError: ``rngs`` is not an ``nnx.Rngs``.
+  """
+
+  def __init__(
+      self,
+      *,
+      in_features: int,
+      out_features: int,
+      stride: int,
+      expand_ratio: int,
+      weight_bits: int | None,
+      act_bits: int | None,
+      rngs: nnx.Rngs,
+  ):
+    sizes = _validate("InvertedResidual", weight_bits, act_bits, rngs, in_features=in_features,
+                      out_features=out_features, stride=stride, expand_ratio=expand_ratio)
+    in_features, out_features, stride, expand_ratio = (
+        sizes[k] for k in ("in_features", "out_features", "stride", "expand_ratio"))
+    hidden = in_features * expand_ratio
+    if expand_ratio != 1:
+      self.expand = _qconv(weight_bits, None, rngs, kernel_size=(1, 1))(in_features, hidden)
+      self.bn_expand = _batch_norm(hidden, rngs)
+    else:
+      self.expand = nnx.data(None)
+      self.bn_expand = nnx.data(None)
+    self.depthwise = _qconv(weight_bits, act_bits, rngs)(
+        hidden, hidden, strides=stride, feature_group_count=hidden)
+    self.bn_depthwise = _batch_norm(hidden, rngs)
+    self.project = _qconv(weight_bits, act_bits, rngs, kernel_size=(1, 1))(hidden, out_features)
+    self.bn_project = _batch_norm(out_features, rngs)
+    self.residual = stride == 1 and in_features == out_features
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``bn(project(relu6(bn(depthwise(relu6(bn(expand(x)))))))) (+ x)``."""
+    h = x
+    if self.expand is not None:
+      h = nnx.relu6(self.bn_expand(self.expand(h)))
+    h = nnx.relu6(self.bn_depthwise(self.depthwise(h)))
+    y = self.bn_project(self.project(h))
+    return x + y if self.residual else y
+
+
+class MobileNetV2Tiny(nnx.Module):
+  """A MobileNetV2-style depthwise-separable net for 8x8 images: about 10k params.
+
+  conv3x3(16, FP) - BN - ReLU6 - inverted residual blocks (expand ratio,
+  channels, stride) = (1, 8, 1), (4, 16, 2), (4, 16, 1) with a residual,
+  (4, 24, 2) - qconv1x1(64) - BN - ReLU6 - global average pool - linear (FP).
+  An 8x8 input ends at 2x2. All convs except the first are quantized: the
+  depthwise and project convs of each block on kernel and input, the expand
+  convs and the last 1x1 conv (which read a linear bottleneck, possibly
+  negative) on the kernel only; see :class:`InvertedResidual`.
+
+  Args and errors: as :class:`ResNet20` (``in_channels`` 1 for digits).
+  """
+
+  # (expand_ratio, out_features, stride) per block.
+  BLOCKS = ((1, 8, 1), (4, 16, 2), (4, 16, 1), (4, 24, 2))
+  LAST_FEATURES = 64
+
+  def __init__(
+      self,
+      *,
+      weight_bits: int | None,
+      act_bits: int | None,
+      in_channels: int = 1,
+      num_classes: int = 10,
+      rngs: nnx.Rngs,
+  ):
+    sizes = _validate("MobileNetV2Tiny", weight_bits, act_bits, rngs, in_channels=in_channels,
+                      num_classes=num_classes)
+    self.conv1 = _stem(sizes["in_channels"], 16, rngs)
+    self.bn1 = _batch_norm(16, rngs)
+    blocks = []
+    in_features = 16
+    for expand_ratio, out_features, stride in self.BLOCKS:
+      blocks.append(InvertedResidual(
+          in_features=in_features, out_features=out_features, stride=stride,
+          expand_ratio=expand_ratio, weight_bits=weight_bits, act_bits=act_bits, rngs=rngs))
+      in_features = out_features
+    self.blocks = nnx.List(blocks)
+    self.conv_last = _qconv(weight_bits, None, rngs, kernel_size=(1, 1))(
+        in_features, self.LAST_FEATURES)
+    self.bn_last = _batch_norm(self.LAST_FEATURES, rngs)
+    self.linear = nnx.Linear(self.LAST_FEATURES, sizes["num_classes"], kernel_init=he_normal,
+                             rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits of NHWC images ``x``."""
+    x = nnx.relu6(self.bn1(self.conv1(x)))
+    for block in self.blocks:
+      x = block(x)
+    x = nnx.relu6(self.bn_last(self.conv_last(x)))
     return self.linear(jnp.mean(x, axis=(1, 2)))
 
 
@@ -264,7 +401,7 @@ def reset_calibration(model: nnx.Module) -> None:
   """Marks every quantized layer uncalibrated: the next training forward
   (or :func:`calibrate`) sets its weight and activation step sizes again."""
   for _, layer in layers_lib.quantized_layers(model):
-    layer.calibrated[...] = jnp.array(False)
+    layer.calibrated[...] = False
 
 
 def _call(model: nnx.Module, x: jax.Array) -> tp.Any:
@@ -289,8 +426,9 @@ def calibrate(
   Runs one forward pass in training mode (compiled with ``nnx.jit``), as the
   first training step would: every quantized layer freezes
   ``s = 3 * std(kernel)`` and sets its activation step size to
-  ``3 * std(input) / sqrt(1 - 2/pi)``. Batch-norm statistics and the
-  train/eval mode are restored afterwards.
+  ``3 * std(input) / sqrt(1 - 2/pi)`` (per layer for stacked layers applied
+  with ``nnx.scan``). Batch-norm statistics and the train/eval mode are
+  restored afterwards.
 
   Call it after loading weights, and before the first ``nnx.jit`` step
   that uses :func:`levels_fn_for` (see there why).
@@ -302,18 +440,18 @@ def calibrate(
       ``model(x)``.
 
   Raises:
-    TypeError: ``model`` is not an ``nnx.Module``, ``x`` is not an array,
-      ``forward`` is not callable.
-    ValueError: ``x`` is empty, has no batch axis, holds NaN or Inf (the
-      scales would be NaN), or its shape does not fit the model (the
-      message quotes the layer's own error).
+    TypeError: ``model`` is not an ``nnx.Module``, ``x`` is not an array.
+    ValueError: ``forward`` is not callable; ``x`` is empty, has no batch
+      axis, or holds NaN or Inf (the scales would be NaN); a quantized layer
+      gets no step size from ``x`` (its input or kernel has std 0 on it, e.g.
+      an all-zero batch), naming the layers. The model is left as it was.
+    Any error of the forward pass (e.g. a shape that does not fit the model),
+    with the batch's shape in front of the message; the model is left as it was.
   """
   _check_model(model, "calibrate", "model")
-  if forward is not None and not callable(forward):
-    raise TypeError(
-        "calibrate: forward must be None or a callable forward(model, x), got "
-        f"forward of type {type(forward).__name__}."
-    )
+  if forward is not None:
+    _checks.check_callable("forward", forward, "None or a callable forward(model, x)",
+                           owner="calibrate")
   _check_batch(x)
   modes = [
       (module, name, getattr(module, name))
@@ -323,21 +461,33 @@ def calibrate(
   ]
   # Arrays are immutable, so the pure state is a snapshot.
   batch_stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
-  flags = nnx.as_pure(nnx.state(model, layers_lib.Calibrated))
+  quantizer_state = nnx.as_pure(nnx.state(
+      model, nnx.Any(layers_lib.WeightScale, layers_lib.ActivationScale, layers_lib.Calibrated)))
   reset_calibration(model)
   model.train()
   try:
     try:
       _calibration_pass(model, x, forward or _call)
-    except Exception as e:
-      nnx.update(model, flags)  # a failed call leaves the model as it was
-      if isinstance(e, ValueError):
-        # The layers name their own argument (``inputs``); say which batch it was.
-        raise ValueError(
-            f"calibrate: the batch x of shape {tuple(x.shape)} and dtype {x.dtype} does "
-            f"not fit the model: {e}"
-        ) from e
+    except (TypeError, ValueError) as e:
+      nnx.update(model, quantizer_state)  # a failed call leaves the model as it was
+      kind = TypeError if isinstance(e, TypeError) else ValueError
+      raise kind(
+          f"calibrate: the batch x of shape {tuple(x.shape)} and dtype {x.dtype} does "
+          f"not fit the model: {e}") from e
+    except Exception:
+      nnx.update(model, quantizer_state)
       raise
+    # A layer calibrates only from a batch that defines its step sizes.
+    missed = [path for path, layer in layers_lib.quantized_layers(model)
+              if not bool(jnp.all(layer.calibrated[...]))]
+    if missed:
+      nnx.update(model, quantizer_state)
+      names = ", ".join("'" + "/".join(map(str, path)) + "'" for path in missed[:5])
+      raise ValueError(
+          f"calibrate: the batch x defines no step size for {len(missed)} quantized "
+          f"layer(s): {names}. Their input (or kernel) has std 0 or no elements on it, "
+          "e.g. an all-zero or constant batch x; pass a representative training batch."
+      )
   finally:
     nnx.update(model, batch_stats)
     for module, name, value in modes:
