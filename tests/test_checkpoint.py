@@ -16,7 +16,8 @@ import talr_optax as talr
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("orbax.checkpoint")
-from talr_optax.demo.store import Checkpoints, CorruptCheckpointError  # pylint: disable=g-import-not-at-top
+# pylint: disable-next=g-import-not-at-top
+from talr_optax.demo.store import Checkpoints, CorruptCheckpointError
 
 
 def _python(*args: str) -> str:

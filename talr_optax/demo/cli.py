@@ -67,13 +67,17 @@ def _bits_list(text: str) -> tuple[int, ...]:
   return bits
 
 
-def _directory(flag: str) -> Callable[[str], str]:
+def _not_empty(flag: str, text: str) -> str:
+  if not text.strip():
+    raise ValueError(f"{flag} must name a directory, got an empty path")
+  return text
+
+
+def _existing_or_new_directory(flag: str) -> Callable[[str], str]:
   """A directory that exists or can be created: not empty, no file in the way."""
 
   def check(text: str) -> str:
-    if not text.strip():
-      raise ValueError(f"{flag} must name a directory, got an empty path")
-    path = Path(text).absolute()
+    path = Path(_not_empty(flag, text)).absolute()
     for p in (path, *path.parents):
       if p.exists():
         if not p.is_dir():
@@ -85,19 +89,11 @@ def _directory(flag: str) -> Callable[[str], str]:
   return _arg_type(check)
 
 
-def _nonempty(flag: str) -> Callable[[str], str]:
-  def check(text: str) -> str:
-    if not text.strip():
-      raise ValueError(f"{flag} must name a directory, got an empty path")
-    return text
-
-  return _arg_type(check)
-
-
 def build_parser() -> argparse.ArgumentParser:
   """The demo's flags, each with the check of its value."""
   p = argparse.ArgumentParser(
-      prog=PROG, description="QAT with a cosine learning rate vs transition rate scheduling (TALR).")
+      prog=PROG,
+      description="QAT with a cosine learning rate vs transition rate scheduling (TALR).")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: one seed, few epochs (about a minute on 2 CPU cores)")
   p.add_argument("--bits", type=_arg_type(_bits_list), default=None,
@@ -122,11 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", choices=tuple(MODELS), default=None,
                  help="; ".join(f"{m} (default with {t.name})" for t in TASKS.values()
                                 for m in t.models[:1]))
-  p.add_argument("--data-dir", type=_nonempty("--data-dir"), default=None,
+  p.add_argument("--data-dir", default=None,
+                 type=_arg_type(lambda text: _not_empty("--data-dir", text)),
                  help="directory of the data, for the datasets that need one")
-  p.add_argument("--out", type=_directory("--out"), default="runs/demo",
+  p.add_argument("--out", default="runs/demo", type=_existing_or_new_directory("--out"),
                  help="output directory (default runs/demo)")
-  p.add_argument("--checkpoint-dir", type=_directory("--checkpoint-dir"), default=None,
+  p.add_argument("--checkpoint-dir", default=None,
+                 type=_existing_or_new_directory("--checkpoint-dir"),
                  help="save each run after every epoch here, and resume from it")
   return p
 
