@@ -7,8 +7,9 @@ The batch is split over the mesh axis ``data``; the hidden layer's kernels are
 split over ``model`` (the first layer by columns, the quantized middle layer by
 rows and columns, the last by rows), with Flax's ``nnx.with_partitioning``
 annotations. Nothing in the optimizer is sharding-specific: ``sgdt``'s int8
-levels take the sharding of their kernels, its rates are replicated scalars,
-and ``jit`` inserts the cross-device sums that count transitions.
+levels take the sharding of their kernels, its rates are small replicated
+float32 vectors (one entry per quantized tensor, named by ``rate_names``), and
+``jit`` inserts the cross-device sums that count transitions.
 
 On a machine without 8 accelerators the script asks XLA for 8 CPU devices; it
 must do that before JAX initialises, hence the flag at the top. On a
@@ -113,12 +114,16 @@ def main(argv=None):
 
   kernel = model.fc2.kernel[...]
   opt_state = nnx.as_pure(optimizer.opt_state)  # arrays instead of nnx Variables
-  levels = opt_state[-1].prev_levels["fc2"]["kernel"]  # sgdt: chain(trace, scale_by_talr)
+  talr_state = opt_state[-1]  # sgdt: chain(trace, scale_by_talr)
+  levels = talr_state.prev_levels["fc2"]["kernel"]  # shaped and sharded like the kernel
   same = levels.sharding.is_equivalent_to(kernel.sharding, kernel.ndim)
   m = {k: float(v) for k, v in talr.metrics(opt_state).items()}
   print(f"devices: {jax.device_count()} on mesh {dict(mesh.shape)}")
   print(f"fc2 kernel sharding {kernel.sharding.spec}, its int8 levels {levels.sharding.spec}"
         f" (same: {same})")
+  # Rates: one entry per quantized tensor, in the order of rate_names.
+  print(f"rates {talr_state.rate_names.names}: shape {talr_state.talr.shape},"
+        f" replicated: {talr_state.talr.sharding.is_fully_replicated}")
   print(f"loss: first {first_loss:.3f}, last {float(loss):.3f}; test accuracy {acc:.3f}")
   print(f"fc2: U = {m['talr/fc2/kernel']:.3g}, K = {m['ema_transition_rate/fc2/kernel']:.2e},"
         f" R = {m['target_transition_rate/fc2/kernel']:.2e}")

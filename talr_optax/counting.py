@@ -64,6 +64,13 @@ def count_transitions(levels: jax.Array, prev_levels: jax.Array,
     return (levels != prev_levels).astype(jnp.int32).reshape(
         (-1,) if axis is not None else ())
   keep = 1 if axis is not None else 0
+  per_count = math.prod(levels.shape[keep:])
+  if per_count < _EXACT_F32_SUM and jnp.iinfo(levels.dtype).bits <= 8:
+    # One float32 sum per count: exact, and on a sharded tensor each device
+    # adds its part and only the count crosses devices.
+    diff = jnp.abs(levels.astype(jnp.float32) - prev_levels.astype(jnp.float32))
+    total = jnp.sum(jnp.sign(diff), axis=tuple(range(keep, levels.ndim)))
+    return total.astype(jnp.int32)
   if levels.shape[-1] >= _EXACT_F32_SUM or jnp.iinfo(levels.dtype).bits > 8:
     per_row = jnp.sum(levels != prev_levels, axis=-1, dtype=jnp.int32)
   else:
@@ -109,9 +116,7 @@ def sample_strides(shape: Sequence[int], sample_size: int,
       i = max(candidates, key=lambda a: (points[a], a))  # ties: the later axis
       if points[i] == 1:
         return
-      # The smallest stride that removes at least one grid point.
-      while -(-shape[i] // strides[i]) >= points[i]:
-        strides[i] += 1
+      strides[i] = _next_stride(shape[i], strides[i])
       points[i] = -(-shape[i] // strides[i])
 
   rows, last = axes[:-1], axes[-1]
@@ -120,8 +125,39 @@ def sample_strides(shape: Sequence[int], sample_size: int,
   return tuple(strides)
 
 
+def _next_stride(size: int, stride: int) -> int:
+  """The next stride that thins an axis of ``size``, a divisor of it if possible.
+
+  A divisor lets :func:`take_sample` split the axis into (points, stride) and
+  keep index 0: on a sharded axis each device then samples its own block
+  (when its block is a multiple of the stride), so no level crosses devices.
+  A divisor is taken unless it would thin the axis more than twice as much
+  as the next plain stride.
+  """
+  points = -(-size // stride)
+  plain = stride
+  while -(-size // plain) >= points:
+    plain += 1
+  divisor = next(d for d in range(stride + 1, size + 1) if size % d == 0)
+  if size // divisor * 2 >= -(-size // plain):
+    return divisor
+  return plain
+
+
 def take_sample(x: jax.Array, strides: Optional[Sequence[int]]) -> jax.Array:
-  """The entries of ``x`` on the grid of :func:`sample_strides` (``x`` if ``None``)."""
+  """The entries of ``x`` on the grid of :func:`sample_strides` (``x`` if ``None``).
+
+  An axis whose stride divides it is split into (points, stride) and index 0
+  kept (a reshape and a slice that a sharded axis does locally); any other
+  axis is sliced with its stride.
+  """
   if strides is None:
     return x
-  return x[tuple(slice(None, None, s) for s in strides)]
+  splits = [s > 1 and d % s == 0 for d, s in zip(x.shape, strides)]
+  x = x[tuple(slice(None) if split else slice(None, None, s)
+              for split, s in zip(splits, strides))]
+  shape, index = [], []
+  for d, s, split in zip(x.shape, strides, splits):
+    shape += [d // s, s] if split else [d]
+    index += [slice(None), 0] if split else [slice(None)]
+  return x.reshape(shape)[tuple(index)]

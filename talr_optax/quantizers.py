@@ -209,10 +209,17 @@ def distance_to_transition(w: jax.Array, scale: jax.typing.ArrayLike, bits: int)
 def _check_scale(name: str, scale: Any) -> None:
   """A step size must be finite and > 0 everywhere (checked once, at construction)."""
   try:
-    value = np.asarray(jax.device_get(_tree.unbox(scale)), dtype=np.float64)
+    value = np.asarray(jax.device_get(_tree.unbox(scale)))
   except (TypeError, ValueError):
     value = None
-  if value is None or value.size == 0 or not bool(np.all(np.isfinite(value) & (value > 0))):
+  # jnp.issubdtype knows bfloat16, which NumPy calls non-numeric; bools and
+  # strings are not step sizes even though NumPy would convert them.
+  numeric = value is not None and value.dtype != np.bool_ and jnp.issubdtype(
+      value.dtype, jnp.number) and not jnp.issubdtype(value.dtype, jnp.complexfloating)
+  if numeric:
+    value = value.astype(np.float64)
+  if (not numeric or value.size == 0
+      or not bool(np.all(np.isfinite(value) & (value > 0)))):
     raise ValueError(
         f"{name} must be a finite step size > 0 (a number or a per-channel array),"
         f" got {name} = {scale!r}.")

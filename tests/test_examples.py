@@ -1,5 +1,6 @@
 """The shipped examples run end to end."""
 
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -19,6 +20,14 @@ def test_quickstart_runs_and_reports(capsys, monkeypatch):
   line = next(l for l in out.splitlines() if "test accuracy" in l)
   accs = [float(line.split("SGD:")[1].split()[0]), float(line.split("SGDT:")[1].split()[0])]
   assert min(accs) > 0.8
+  # Both transition rates are measured (the baseline by the monitor); once the
+  # EMA has caught up, SGDT's K is nearer its target than plain SGD's.
+  rows = [l.split() for l in out.splitlines() if l.strip().startswith("step ")]
+  assert [int(r[1]) for r in rows] == [150, 300, 450]
+  for row in rows[1:]:
+    target, k_sgd, k_sgdt = float(row[3]), float(row[6]), float(row[9])
+    assert min(k_sgd, k_sgdt) > 0
+    assert abs(math.log(k_sgdt / target)) < abs(math.log(k_sgd / target))
 
 
 def test_qwix_example_runs_and_reports(capsys, monkeypatch):

@@ -1,11 +1,14 @@
 """Tests of talr_optax.quantizers against hand-made cases and a NumPy reference.
 
-Conventions of METHOD.md §2: weights of b >= 2 bits have levels
+The paper's conventions: weights of b >= 2 bits have levels
 ``round(clip(gamma * w / s, alpha, beta))`` with alpha = -2^(b-1),
-beta = 2^(b-1) - 1, gamma = 2^(b-1); binary weights have code
-``round((clip(w / s, -1, 1) + 1) / 2)`` in {0, 1} (value 2 * code - 1);
-activations have alpha = 0, beta = 2^b - 1, gamma = 2^b. ``round`` is half to
-even (as ``np.round``).
+beta = 2^(b-1) - 1, gamma = 2^(b-1); binary weights have code ``1[w > 0]`` in
+{0, 1} (value 2 * code - 1); activations have alpha = 0, beta = 2^b - 1,
+gamma = 2^b. ``round`` is half to even (as ``np.round``).
+
+The quantizers run on every forward pass and check only ``bits`` (and
+``multiply_scale``) per call; step sizes are checked once, by
+``levels_fn_from_scales``.
 """
 
 import math
@@ -24,7 +27,7 @@ BAD_BITS = [0, 9, -1, 2.0, True, np.bool_(True), "2", None, np.float32(2.0)]
 
 
 def _wrange(bits):
-  """(alpha, beta, gamma) of METHOD.md §2 for weights, written out independently."""
+  """(alpha, beta, gamma) of the paper's weight quantizer, written out independently."""
   return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, 2 ** (bits - 1)
 
 
@@ -33,9 +36,7 @@ def _np_weight_levels(w, s, bits):
   w = np.asarray(w, np.float32)
   s = np.asarray(s, np.float32)
   if bits == 1:
-    # Computed in float64 so (x + 1) / 2 is exact enough: 0 -> 0.5 -> 0.
-    x = np.clip(w.astype(np.float64) / s.astype(np.float64), -1.0, 1.0)
-    return np.round((x + 1.0) / 2.0).astype(np.int8)
+    return (w > 0).astype(np.int8)
   alpha, beta, gamma = _wrange(bits)
   u = np.float32(gamma) * w / s
   return np.round(np.clip(u, alpha, beta)).astype(np.int8)
@@ -102,10 +103,10 @@ def test_weight_levels_binary_hand_cases(scale):
 
 
 def test_weight_levels_binary_zero_is_minus_one_value():
-  # w = 0 maps to code 0, i.e. to the value -1 (METHOD.md §2).
+  # w = 0 maps to code 0, i.e. to the value -1.
   assert int(q.weight_levels(jnp.zeros(()), 1.0, 1)) == 0
-  assert float(q.fake_quant_weight(jnp.zeros(()), 1.0, 1)) == -1.0
-  assert float(q.fake_quant_weight(jnp.asarray(1e-30), 1.0, 1)) == 1.0
+  assert float(q.fake_quant_weight(jnp.zeros(()), 1.0, 1, multiply_scale=False)) == -1.0
+  assert float(q.fake_quant_weight(jnp.asarray(1e-30), 1.0, 1, multiply_scale=False)) == 1.0
 
 
 def test_weight_levels_non_power_of_two_scale():
@@ -213,7 +214,7 @@ def test_fake_quant_weight_values(bits):
   s = 0.8
   levels = np.asarray(q.weight_levels(w, s, bits)).astype(np.float32)
   expected = 2 * levels - 1 if bits == 1 else levels / 2 ** (bits - 1)
-  out = q.fake_quant_weight(w, s, bits)
+  out = q.fake_quant_weight(w, s, bits, multiply_scale=False)
   assert out.dtype == w.dtype
   np.testing.assert_array_equal(np.asarray(out), expected)
   out_s = q.fake_quant_weight(w, s, bits, multiply_scale=True)
@@ -223,9 +224,9 @@ def test_fake_quant_weight_values(bits):
 def test_fake_quant_weight_hand_values():
   w = jnp.asarray([-1.0, -0.3, 0.0, 0.2, 0.3, 0.9])
   # 2 bits, s = 1: u = 2w -> levels -2, -1 (-0.6), 0, 0 (0.4), 1 (0.6), 1
-  np.testing.assert_array_equal(np.asarray(q.fake_quant_weight(w, 1.0, 2)),
+  np.testing.assert_array_equal(np.asarray(q.fake_quant_weight(w, 1.0, 2, multiply_scale=False)),
                                 [-1.0, -0.5, 0.0, 0.0, 0.5, 0.5])
-  np.testing.assert_array_equal(np.asarray(q.fake_quant_weight(w, 1.0, 1)),
+  np.testing.assert_array_equal(np.asarray(q.fake_quant_weight(w, 1.0, 1, multiply_scale=False)),
                                 [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
   np.testing.assert_allclose(
       np.asarray(q.fake_quant_weight(w, 2.0, 1, multiply_scale=True)),
@@ -262,7 +263,7 @@ def test_fake_quant_weight_binary_ste_gradient(multiply_scale):
 def test_fake_quant_weight_per_channel_gradient():
   s = jnp.asarray([[0.5, 1.0, 2.0]])
   w = jnp.asarray([[0.1, 0.1, 0.1], [-0.2, -0.2, -0.2], [5.0, 5.0, 5.0]])
-  grad = jax.grad(lambda w: jnp.sum(q.fake_quant_weight(w, s, 2)))(w)
+  grad = jax.grad(lambda w: jnp.sum(q.fake_quant_weight(w, s, 2, multiply_scale=False)))(w)
   np.testing.assert_allclose(
       np.asarray(grad), [[2.0, 1.0, 0.5], [2.0, 1.0, 0.5], [0.0, 0.0, 0.0]], rtol=1e-6)
 
@@ -294,13 +295,18 @@ def test_fake_quant_activation_values_and_gradients(bits):
 def test_fake_quant_preserves_dtype(dtype, bits):
   w = jnp.asarray([-0.7, -0.1, 0.0, 0.2, 0.9], dtype)
   for scale in (0.5, jnp.asarray(0.5, jnp.float32)):
-    assert q.fake_quant_weight(w, scale, bits).dtype == dtype
+    assert q.fake_quant_weight(w, scale, bits, multiply_scale=False).dtype == dtype
     assert q.fake_quant_weight(w, scale, bits, multiply_scale=True).dtype == dtype
     assert q.fake_quant_activation(jnp.abs(w), scale, bits).dtype == dtype
   # Values are exact in bf16 (levels / 2^k with few significant bits).
-  ref = q.fake_quant_weight(w.astype(jnp.float32), 0.5, bits)
+  ref = q.fake_quant_weight(w.astype(jnp.float32), 0.5, bits, multiply_scale=False)
   np.testing.assert_array_equal(
-      np.asarray(q.fake_quant_weight(w, 0.5, bits).astype(jnp.float32)), np.asarray(ref))
+      np.asarray(q.fake_quant_weight(w, 0.5, bits, multiply_scale=False).astype(jnp.float32)),
+      np.asarray(ref))
+
+
+def _fq_times_scale(w, scale, bits):
+  return q.fake_quant_weight(w, scale, bits, multiply_scale=True)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -317,7 +323,7 @@ def test_low_precision_levels_equal_float32_levels_of_the_same_values(bits):
     np.testing.assert_array_equal(np.asarray(q.activation_levels(x16, scale, bits)),
                                   np.asarray(q.activation_levels(xup, s32, bits)))
     # Float results: computed in float32, rounded to bfloat16 once.
-    for fn, a, b in ((q.fake_quant_weight, w16, up), (q.fake_quant_activation, x16, xup),
+    for fn, a, b in ((_fq_times_scale, w16, up), (q.fake_quant_activation, x16, xup),
                      (q.distance_to_transition, w16, up)):
       out = fn(a, scale, bits)
       assert out.dtype == jnp.bfloat16, fn.__name__
@@ -482,10 +488,45 @@ def test_levels_fn_from_scales_structure_errors():
     q.levels_fn_from_scales(scales, "2")
   with pytest.raises(ValueError, match="scales"):
     q.levels_fn_from_scales({"w": None, "b": None}, 2)
-  with pytest.raises(ValueError, match="scales"):
-    q.levels_fn_from_scales({"w": 0.0, "b": None}, 2)
-  with pytest.raises(ValueError, match="scales"):
-    q.levels_fn_from_scales({"w": jnp.asarray([1.0, -1.0]), "b": None}, 2)
+  with pytest.raises(ValueError, match=r"params do not have the structure of the scales"):
+    levels_fn({"w": jnp.ones(3), "b": jnp.ones(3), "layer": {"k": jnp.ones(2), "j": None}})
+
+
+@pytest.mark.parametrize("scale, shown", [
+    (np.asarray([1.0, 0.0, 2.0]), r"array\(\[1\., 0\., 2\.\]\)"),
+    (jnp.asarray([[0.5, -1.0, 1.0]]), "Array"),
+    (np.asarray([1.0, np.inf]), "inf"),
+    (jnp.asarray([np.nan, 1.0], jnp.bfloat16), "nan"),
+    (np.zeros((0,)), r"array\(\[\]"),
+    (object(), "object"),
+], ids=["array-zero", "array-negative", "array-inf", "bf16-nan", "empty", "object"])
+def test_levels_fn_from_scales_rejects_bad_per_channel_scales(scale, shown):
+  # The path of the leaf and the value given are in the message.
+  with pytest.raises(ValueError, match=rf"scales\['layer/k'\] must be a finite step size > 0"
+                                       rf".*got scales\['layer/k'\] = .*{shown}"):
+    q.levels_fn_from_scales({"w": 0.5, "layer": {"k": scale}}, 2)
+
+
+def test_levels_fn_from_scales_accepts_good_per_channel_and_boxed_scales():
+  fn = q.levels_fn_from_scales({"w": np.asarray([[0.5, 1.0, 2.0]], np.float32), "b": None,
+                                "layer": {"k": jnp.asarray(1.0, jnp.bfloat16)}}, 2)
+  levels = fn(_params())
+  # u = 2 w / s with column scales 0.5, 1, 2: [[1.2, -0.4, 0.05], [2.4, -1.4, 0.12]].
+  np.testing.assert_array_equal(levels["w"], [[1, 0, 0], [1, -1, 0]])
+  np.testing.assert_array_equal(levels["layer"]["k"], [[1, -1], [0, 1]])
+
+
+@pytest.mark.parametrize("scale", ["0.5", True], ids=["string", "bool"])
+def test_levels_fn_from_scales_rejects_non_numeric_scales(scale):
+  with pytest.raises(ValueError, match=r"scales\['w'\] must be a finite step size"):
+    q.levels_fn_from_scales({"w": scale}, 2)
+
+
+def test_levels_fn_from_scales_called_with_a_step_count_says_what_to_do():
+  # optax.inject_hyperparams without static_args calls levels_fn with the count.
+  fn = q.levels_fn_from_scales({"w": 0.5, "b": None}, 2)
+  with pytest.raises(ValueError, match=r"step count.*static_args=\('levels_fn',\)"):
+    fn(jnp.asarray(0, jnp.int32))
 
 
 @pytest.mark.parametrize("bits", [0, 9, 2.0, True, "2"])
@@ -500,7 +541,7 @@ def test_levels_fn_from_scales_bad_int_bits(bits):
 _FNS = [
     lambda x, s, b: q.weight_levels(x, s, b),
     lambda x, s, b: q.activation_levels(x, s, b),
-    lambda x, s, b: q.fake_quant_weight(x, s, b),
+    lambda x, s, b: q.fake_quant_weight(x, s, b, multiply_scale=True),
     lambda x, s, b: q.fake_quant_activation(x, s, b),
     lambda x, s, b: q.distance_to_transition(x, s, b),
 ]
@@ -515,14 +556,29 @@ def test_bad_bits(fn, bits):
     fn(jnp.ones(3), 1.0, bits)
 
 
-@pytest.mark.parametrize("fn", _FNS, ids=_FN_IDS)
-@pytest.mark.parametrize("scale", [0.0, -1.0, np.asarray([1.0, 0.0, 2.0]),
-                                   jnp.asarray([-0.5, 1.0, 1.0]), float("nan")],
-                         ids=["zero", "negative", "array0", "arrayneg", "nan"])
-@pytest.mark.parametrize("bits", [1, 2])
-def test_bad_scale(fn, scale, bits):
-  with pytest.raises(ValueError, match="scale"):
-    fn(jnp.ones(3), scale, bits)
+def test_multiply_scale_is_required_and_a_bool():
+  w = jnp.asarray([0.3, -0.3])
+  with pytest.raises(TypeError, match="multiply_scale"):
+    q.fake_quant_weight(w, 1.0, 2)  # pylint: disable=missing-kwoa
+  with pytest.raises(TypeError):
+    q.fake_quant_weight(w, 1.0, 2, True)  # keyword-only  # pylint: disable=too-many-function-args
+  for bad in ("yes", 1, None, jnp.asarray(True)):
+    with pytest.raises(ValueError, match="multiply_scale must be True or False"):
+      q.fake_quant_weight(w, 1.0, 2, multiply_scale=bad)
+  assert q.fake_quant_weight(w, 1.0, 2, multiply_scale=np.bool_(True)).shape == (2,)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_step_sizes_are_not_checked_per_call_and_the_result_is_defined(jit):
+  # A zero step size makes u = +-inf (outer levels) or NaN (level of w = 0);
+  # no error, no host read-back, the same eager and jitted.
+  w = jnp.asarray([-1.0, 0.0, 1.0])
+  levels = jax.jit(q.weight_levels, static_argnums=2) if jit else q.weight_levels
+  np.testing.assert_array_equal(levels(w, 0.0, 2), [-2, 0, 1])
+  np.testing.assert_array_equal(levels(w, jnp.asarray([1.0, 0.0, -1.0]), 2), [-2, 0, -2])
+  fq = lambda w, s: q.fake_quant_weight(w, s, 2, multiply_scale=False)
+  fq = jax.jit(fq) if jit else fq
+  np.testing.assert_array_equal(fq(w, jnp.float32(0.5)), [-1.0, 0.0, 0.5])
 
 
 @pytest.mark.parametrize("bits", [np.int64(2), np.int8(3), np.int32(1)], ids=repr)
@@ -530,8 +586,9 @@ def test_numpy_integer_bits_accepted(bits):
   w = jnp.asarray([0.3, -0.3, 0.05])
   np.testing.assert_array_equal(np.asarray(q.weight_levels(w, 1.0, bits)),
                                 np.asarray(q.weight_levels(w, 1.0, int(bits))))
-  np.testing.assert_array_equal(np.asarray(q.fake_quant_weight(w, 1.0, bits)),
-                                np.asarray(q.fake_quant_weight(w, 1.0, int(bits))))
+  np.testing.assert_array_equal(
+      np.asarray(q.fake_quant_weight(w, 1.0, bits, multiply_scale=False)),
+      np.asarray(q.fake_quant_weight(w, 1.0, int(bits), multiply_scale=False)))
 
 
 def test_levels_fn_from_scales_numpy_integer_bits():
@@ -551,7 +608,8 @@ def test_under_jit_with_python_float_scale(bits):
   fns = {
       "levels": lambda w: q.weight_levels(w, s, bits),
       "act": lambda w: q.activation_levels(jnp.abs(w), s, bits),
-      "fq": lambda w: q.fake_quant_weight(w, s, bits),
+      "fq": lambda w: q.fake_quant_weight(w, s, bits, multiply_scale=False),
+      "fqs": lambda w: q.fake_quant_weight(w, s, bits, multiply_scale=True),
       "fqa": lambda w: q.fake_quant_activation(jnp.abs(w), s, bits),
       "dist": lambda w: q.distance_to_transition(w, s, bits),
   }
