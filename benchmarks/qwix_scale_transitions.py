@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 import qwix
 
-from talr_optax import data
+from talr_optax.demo import data
 import talr_optax.qwix as tq
 
 # The model of examples/qwix_qat.py, so the measured share applies to it.

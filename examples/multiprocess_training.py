@@ -60,8 +60,9 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+import orbax.checkpoint as ocp
+
 import talr_optax as talr
-from talr_optax.checkpoint import Checkpointer
 
 BITS, IN, HIDDEN, CLASSES, BATCH = 2, 16, 64, 8, 64
 QUANTIZED = ("w2", "w3")
@@ -264,20 +265,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
   init = jax.device_put(init, step.lower(init, *load_batch(0, batch_sharding))
                         .compile().output_shardings[0])
   metrics, losses, saved = [], [], {}
-  with Checkpointer(args.ckpt_dir) as ckpt:
-    if ckpt.latest_step() is not None:
-      raise SystemExit(f"{args.ckpt_dir} already holds a checkpoint; pass a new directory")
+  # Orbax's CheckpointManager, as in docs/checkpoints.md.
+  manager = ocp.CheckpointManager(args.ckpt_dir,
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  if manager.latest_step() is not None:
+    raise SystemExit(f"{args.ckpt_dir} already holds a checkpoint; pass a new directory")
 
-    def on_step(done, state, loss):
-      metrics.append({k: host(v).tolist() for k, v in talr.metrics(state["opt_state"]).items()})
-      losses.append(float(host(loss)))
-      if done == args.save_at:  # every process saves its shards; Orbax syncs them
-        ckpt.save(done, state, meta={"next_step": done})
-        saved["state"] = state
+  def on_step(done, state, loss):
+    metrics.append({k: host(v).tolist() for k, v in talr.metrics(state["opt_state"]).items()})
+    losses.append(float(host(loss)))
+    if done == args.save_at:  # every process saves its shards; Orbax syncs them
+      manager.save(done, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"next_step": done})))
+      manager.wait_until_finished()
+      saved["state"] = state
 
-    final = run(init, 0, args.steps, on_step)
-    # A fresh job would build `init` the same way and restore into its shardings.
-    start, restored, meta = ckpt.restore(init, step=args.save_at)
+  final = run(init, 0, args.steps, on_step)
+  # A fresh job would build `init` the same way and restore into its shardings.
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init)
+  out = manager.restore(args.save_at, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  manager.close()
+  start, restored, meta = args.save_at, out.state, out.meta
   assert meta == {"next_step": start}, meta
   resumed = run(restored, start, args.steps, lambda *_: None)
   return {

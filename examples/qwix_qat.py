@@ -18,7 +18,7 @@ from flax import nnx
 import qwix
 
 import talr_optax
-from talr_optax import data
+from talr_optax.demo import data
 import talr_optax.qwix as tq
 
 BITS, PRETRAIN_STEPS, QAT_STEPS, BATCH, LR = 2, 300, 800, 64, 0.05

@@ -1,7 +1,14 @@
-"""The demo CLI: argument errors and a tiny end-to-end run."""
+"""The demo (``talr_optax.demo``): flag checks, the run store, tiny end-to-end runs."""
 
 import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flax")
@@ -9,6 +16,25 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from talr_optax import demo  # pylint: disable=g-import-not-at-top
+from talr_optax.demo import train as demo_train  # pylint: disable=g-import-not-at-top
+from talr_optax.demo.tasks import TASKS, make_model  # pylint: disable=g-import-not-at-top
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--quick", "--bits", "2", "--epochs", "2", "--fp-epochs", "1"]
+R0 = 5e-3 * 2**0.5  # the target's start at 2 bits: lambda * sqrt(bits)
+
+
+def _cosine(r0: float, total: int, step: np.ndarray) -> np.ndarray:
+  """The paper's cosine target, written out: R(t) = R_0 (1 + cos(pi t / T)) / 2."""
+  return r0 * (1 + np.cos(np.pi * np.minimum(step, total) / total)) / 2
+
+
+def _exit_message(argv, capsys) -> str:
+  """stderr of a command line that must exit with status 2 before any work."""
+  with pytest.raises(SystemExit) as e:
+    demo.main(argv)
+  assert e.value.code == 2
+  return capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -16,27 +42,62 @@ from talr_optax import demo  # pylint: disable=g-import-not-at-top
     [
         (["--bits", "5"], "--bits"),
         (["--bits", "two"], "--bits"),
-        (["--seeds", "0"], "--seeds"),
+        (["--bits", "2,2"], r"--bits must not repeat a bit width .* 2 more than once"),
+        (["--bits", "2,1,1,2"], r"--bits must not repeat .* 1, 2 more than once"),
+        (["--seeds", "0"], r"--seeds must be an integer >= 1, got --seeds = 0"),
         (["--epochs", "-3"], "--epochs"),
+        (["--batch-size", "x"], r"--batch-size must be an integer >= 1, got --batch-size = 'x'"),
         (["--rule", "exp"], "--rule"),
         (["--optimizer", "lion"], "--optimizer"),
         (["--dataset", "cifar10"], "--data-dir"),
-        (["--model", "resnet20"], "resnet20"),
-        (["--lam", "0"], "--lam"),
+        (["--model", "resnet20"],
+         r"--model resnet20 does not fit --dataset digits; use --model cnn"),
+        (["--lam", "0"], r"--lam must be in \(0, 0.5\]"),
+        (["--out", ""], "--out must name a directory, got an empty path"),
+        (["--out", "  "], "--out must name a directory"),
+        (["--checkpoint-dir", ""], "--checkpoint-dir must name a directory"),
+        (["--data-dir", "somewhere"], "--data-dir is not used with --dataset digits"),
+        (["--dataset", "cifar10", "--data-dir", ""], "--data-dir must name a directory"),
     ],
 )
-def test_bad_arguments_exit_with_a_message_naming_them(argv, match, capsys):
-  with pytest.raises(SystemExit) as e:
-    demo.config_from_args(argv)
-  assert e.value.code == 2
-  assert match in capsys.readouterr().err
+def test_bad_flags_exit_2_naming_the_flag(argv, match, capsys):
+  err = _exit_message(argv, capsys)
+  assert re.search(match, err), err
 
 
-def test_quick_defaults():
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint-dir"])
+def test_a_file_where_a_directory_goes_is_refused_when_parsing(flag, tmp_path, capsys):
+  file = tmp_path / "results.txt"
+  file.write_text("keep me")
+  err = _exit_message([flag, str(file)], capsys)
+  assert f"{flag} must be a directory, but {file} is a file" in err
+  err = _exit_message([flag, str(file / "sub")], capsys)
+  assert f"is inside {file}, a file" in err
+  assert file.read_text() == "keep me"
+
+
+def test_entry_point_exits_2_like_argparse():
+  proc = subprocess.run([sys.executable, "-m", "talr_optax.demo", "--bits", "2,2"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("usage: python -m talr_optax.demo")
+  assert "argument --bits: --bits must not repeat" in proc.stderr
+
+
+def test_defaults_follow_the_dataset_and_quick():
   cfg = demo.config_from_args(["--quick"])
-  assert cfg.seeds == 1 and cfg.bits == (2, 1) and cfg.model == "cnn"
+  assert (cfg.seeds, cfg.bits, cfg.model, cfg.epochs, cfg.fp_epochs) == (1, (2, 1), "cnn", 6, 4)
   cfg = demo.config_from_args(["--dataset", "cifar10", "--data-dir", "x"])
-  assert cfg.model == "resnet20" and cfg.batch_size == 256
+  assert (cfg.model, cfg.batch_size, cfg.epochs, cfg.fp_epochs) == ("resnet20", 256, 400, 200)
+
+
+def test_batch_size_above_the_training_set_stops_before_training(tmp_path, capsys):
+  out = tmp_path / "out"
+  err = _exit_message(TINY + ["--batch-size", "1438", "--out", str(out)], capsys)
+  assert "argument --batch-size: must be an integer in [1, 1437] (the size of the digits " \
+         "training set), got 1438" in err
+  assert not out.exists()
 
 
 def test_missing_cifar_dir_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
@@ -48,85 +109,136 @@ def test_missing_cifar_dir_is_a_clear_error_and_writes_nothing(tmp_path, capsys)
   assert not out.exists()
 
 
-def test_end_to_end_tiny_run_writes_results_and_figures(tmp_path):
-  out = tmp_path / "demo"
-  code = demo.main(["--quick", "--bits", "2", "--epochs", "2", "--fp-epochs", "1",
-                    "--out", str(out)])
-  assert code == 0
-  results = json.loads((out / "results.json").read_text())
-  methods = sorted(r["method"] for r in results["runs"])
-  assert methods == ["sgd", "talr"]
+# ---------------------------------------------------------------------------
+# --checkpoint-dir: configuration, lock
+
+
+@pytest.mark.parametrize("content", [b"{\"epochs\": 3,", b"\xff\xfe", b"[1, 2]"],
+                         ids=["truncated", "binary", "not_an_object"])
+def test_corrupt_config_json_is_named(tmp_path, content, capsys):
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  (ckpt / "config.json").write_bytes(content)
+  err = _exit_message(["--quick", "--checkpoint-dir", str(ckpt)], capsys)
+  assert f"{ckpt / 'config.json'} is corrupt" in err
+
+
+def test_checkpoint_dir_of_another_configuration_is_refused(tmp_path, capsys):
+  ckpt = tmp_path / "ckpt"
+  with demo.RunStore(demo.config_from_args(["--quick", "--epochs", "3",
+                                            "--checkpoint-dir", str(ckpt)])):
+    pass
+  assert json.loads((ckpt / "config.json").read_text())["epochs"] == 3
+  err = _exit_message(["--quick", "--epochs", "4", "--checkpoint-dir", str(ckpt)], capsys)
+  assert "holds runs of another configuration (epochs 3 there, 4 here)" in err
+  # Seeds, bit widths and --out may change between runs of one directory.
+  demo.config_from_args(["--quick", "--epochs", "3", "--seeds", "2", "--bits", "4",
+                         "--out", str(tmp_path / "x"), "--checkpoint-dir", str(ckpt)])
+
+
+def test_one_demo_at_a_time_per_checkpoint_dir(tmp_path):
+  cfg = demo.config_from_args(["--quick", "--checkpoint-dir", str(tmp_path / "ckpt")])
+  with demo.RunStore(cfg):
+    with pytest.raises(ValueError, match=rf"in use by another demo run \(process {os.getpid()}\)"):
+      demo.RunStore(cfg)
+  with demo.RunStore(cfg):  # free again once the first one is closed
+    pass
+
+
+# ---------------------------------------------------------------------------
+# End to end
+
+
+def _assert_results(out: Path, results: dict, epochs: int) -> None:
+  on_disk = json.loads((out / "results.json").read_text())
+  assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
+  assert sorted(r["method"] for r in results["runs"]) == ["sgd", "talr"]
   for run in results["runs"]:
     n = len(run["trace"]["k"])
-    assert n > 0 and all(len(run["trace"][key]) == n for key in ("K", "R", "U", "lr", "loss"))
-    assert len(run["test_accuracy_per_epoch"]) == 2
-    assert 0.0 <= run["final_test_accuracy"] <= 1.0
+    assert n == 44 * epochs  # 1437 training images // 32
+    assert all(len(run["trace"][key]) == n for key in ("K", "R", "U", "lr", "loss"))
+    assert len(run["test_accuracy_per_epoch"]) == epochs
+    assert 0.5 <= run["final_test_accuracy"] <= 1.0
     assert all(0.0 <= k <= 1.0 for k in run["trace"]["k"])
+    # Both K curves start from R_0 = 5e-3 * sqrt(2) and move towards k.
+    assert abs(run["trace"]["K"][0] - R0) < 1e-3
+    # Both log the cosine target from R_0 that TALR follows, after each update.
+    np.testing.assert_allclose(run["trace"]["R"], _cosine(R0, n, np.arange(1, n + 1)),
+                               rtol=1e-5, atol=1e-9)
   talr_run = next(r for r in results["runs"] if r["method"] == "talr")
-  # The target TALR logs is the cosine schedule from R_0 = 5e-3 * sqrt(2).
-  assert talr_run["trace"]["R"][0] == pytest.approx(5e-3 * 2**0.5, rel=1e-5)
+  assert talr_run["trace"]["U"] != talr_run["trace"]["lr"]
   assert {row["method"] for row in results["summary"]} == {"sgd", "talr"}
   for name in ("rate_tracking", "learning_rates", "accuracy", "weight_changes"):
     png = out / f"{name}.png"
-    assert png.stat().st_size > 10_000
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 
 
-def test_resume_from_checkpoint_dir_is_bit_identical(tmp_path):
+def test_tiny_run_and_its_resume_from_checkpoint_dir_are_bit_identical(tmp_path, monkeypatch):
   pytest.importorskip("orbax.checkpoint")
-  argv = ["--quick", "--bits", "2", "--epochs", "3", "--fp-epochs", "1"]
+  argv = TINY
   straight = demo.run(demo.config_from_args(argv + ["--out", str(tmp_path / "a")]))
+  _assert_results(tmp_path / "a", straight, epochs=2)
 
   ckpt = tmp_path / "ckpt"
   cfg = demo.config_from_args(argv + ["--out", str(tmp_path / "b"),
                                       "--checkpoint-dir", str(ckpt)])
-  with pytest.raises(demo._Interrupted):  # pylint: disable=protected-access
-    demo.run(cfg, stop_after_epoch=2)
+  # Interrupted in epoch 2 of SGD; then SGD resumes and ends, TALR is
+  # interrupted in its epoch 2; then TALR resumes.
+  with pytest.raises(demo.Interrupted):
+    demo.run(cfg, interrupt_after=1)
+  assert sorted(os.listdir(ckpt / "seed0_w2_sgd" / "epochs")) == ["1"]
+  with pytest.raises(demo.Interrupted):
+    demo.run(cfg, interrupt_after=1)
+  assert (ckpt / "seed0_w2_sgd" / "record.json").exists()
+  assert sorted(os.listdir(ckpt / "seed0_w2_talr" / "epochs")) == ["1"]
   assert not (tmp_path / "b" / "results.json").exists()
-  assert any(ckpt.glob("seed0_w2_sgd/epochs/*"))
   resumed = demo.run(cfg)
-  for a, b in zip(sorted(straight["runs"], key=lambda r: r["method"]),
-                  sorted(resumed["runs"], key=lambda r: r["method"])):
-    assert a["method"] == b["method"]
-    assert a["trace"] == b["trace"]
-    assert a["test_accuracy_per_epoch"] == b["test_accuracy_per_epoch"]
+  assert resumed["runs"] == straight["runs"]
   # A finished demo is read back from its records, not trained again.
-  again = demo.run(cfg)
-  assert [r["trace"] for r in again["runs"]] == [r["trace"] for r in resumed["runs"]]
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained again")
+
+  monkeypatch.setattr(demo_train, "run_qat", no_training)
+  monkeypatch.setattr(demo_train, "pretrain_full_precision", no_training)
+  assert demo.run(cfg)["runs"] == resumed["runs"]
 
 
-def test_checkpoint_dir_of_another_configuration_is_refused(tmp_path):
-  ckpt = tmp_path / "ckpt"
-  demo.RunStore(ckpt, demo.config_from_args(["--quick", "--epochs", "3"]))
-  with pytest.raises(ValueError, match="another configuration.*epochs"):
-    demo.RunStore(ckpt, demo.config_from_args(["--quick", "--epochs", "4"]))
-
-
-def _write_tiny_cifar(directory, n_train=24, n_test=16):
+def _write_tiny_cifar(directory: Path, n_train: int = 24, n_test: int = 16) -> None:
   """A miniature CIFAR-10 in the python-pickle layout (random pixels)."""
-  import pickle  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   rng = np.random.default_rng(0)
-  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-  for name in names:
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
     n = n_test if name == "test_batch" else n_train
     with open(directory / name, "wb") as f:
       pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                    b"labels": rng.integers(0, 10, n).tolist()}, f)
 
 
-def test_cifar10_resnet20_path_runs_on_a_tiny_fixture(tmp_path):
+def test_cifar10_resnet20_task_trains_on_a_tiny_fixture(tmp_path, capsys):
   data_dir = tmp_path / "cifar"
   data_dir.mkdir()
   _write_tiny_cifar(data_dir)
-  out = tmp_path / "out"
-  code = demo.main(["--dataset", "cifar10", "--data-dir", str(data_dir), "--bits", "2",
-                    "--seeds", "1", "--epochs", "1", "--fp-epochs", "1",
-                    "--batch-size", "40", "--out", str(out)])
-  assert code == 0
-  results = json.loads((out / "results.json").read_text())
-  assert results["config"]["model"] == "resnet20"
-  assert {r["method"] for r in results["runs"]} == {"sgd", "talr"}
+  argv = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--bits", "2", "--epochs", "1",
+          "--out", str(tmp_path / "out")]
+  err = _exit_message(argv + ["--batch-size", "121"], capsys)
+  assert "[1, 120] (the size of the cifar10 training set), got 121" in err
+  # One TALR run from an untrained model: the whole demo would compile
+  # ResNet-20 three times (pretraining, baseline, TALR), which adds nothing.
+  cfg = demo.config_from_args(argv + ["--batch-size", "40"])
+  task = TASKS[cfg.dataset]
+  dataset = task.load(cfg)
+  assert dataset.train.images.shape == (120, 32, 32, 3)
+  fp_model = make_model(cfg, None, 0, dataset.num_classes)
+  record = demo_train.run_qat(cfg, task, dataset, fp_model, 2, 0, "talr")
   # 120 training images / batch 40 = 3 steps per epoch.
-  assert all(len(r["trace"]["k"]) == 3 for r in results["runs"])
+  assert len(record["trace"]["k"]) == 3 and len(record["test_accuracy_per_epoch"]) == 1
+  np.testing.assert_allclose(record["trace"]["R"], _cosine(R0, 3, np.arange(1, 4)),
+                             rtol=1e-5, atol=1e-9)
+  assert 0 < max(record["trace"]["k"]) <= 1
+
+
+def test_the_library_never_imports_the_demo():
+  package = ROOT / "talr_optax"
+  library = [p for p in package.rglob("*.py") if p.relative_to(package).parts[0] != "demo"]
+  assert len(library) > 10
+  pattern = re.compile(r"talr_optax\.demo|from talr_optax import .*\bdemo\b|from \.+ import demo")
+  assert [str(p) for p in library if pattern.search(p.read_text())] == []

@@ -1,8 +1,8 @@
 """Long experiments (opt-in: ``python -m pytest -m slow``).
 
-They check the qualitative behaviour of METHOD.md §6 on real data (digits):
-K follows the target, U ends far below its start as R goes to 0, and QAT
-reaches a useful accuracy. A few minutes on 2 CPU cores.
+They check on real data (digits) what the paper (Lee et al., ICCV 2025)
+predicts: K follows the target, U ends far below its peak as R goes to 0, and
+QAT reaches a useful accuracy. A few minutes on 2 CPU cores.
 """
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Figures of a demo run (matplotlib), each readable on its own.
 
-Every function takes the ``results`` dict that :mod:`talr_optax.demo` writes to
+Every function takes the ``results`` dict that :func:`talr_optax.demo.run` writes to
 ``results.json`` and saves one PNG. Traces are drawn for seed 0 of each bit
 width; accuracy curves show the mean over seeds.
 """

@@ -21,6 +21,8 @@ import typing as tp
 
 import numpy as np
 
+from talr_optax import _checks
+
 __all__ = [
     "Split",
     "Dataset",
@@ -94,9 +96,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
       images (one per class) in a split, i.e. outside about [0.0051, 0.9944];
       if ``seed`` is not an int in [0, 2**32 - 1].
   """
-  if (isinstance(test_fraction, (bool, np.bool_)) or not isinstance(test_fraction, numbers.Real)
-      or not 0.0 < test_fraction < 1.0):
-    raise ValueError(f"test_fraction must be in (0, 1), got test_fraction = {test_fraction!r}.")
+  _checks.check_number("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
   # scikit-learn's rule: ceil(test_fraction * n) test images; a stratified
   # split needs one image of each class on each side.
   n_test = int(np.ceil(float(test_fraction) * _DIGITS_SIZE))
@@ -108,8 +108,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         f"(one per class) in each split, i.e. be in ({lo:.4f}, {hi:.4f}], got "
         f"test_fraction = {test_fraction!r} ({n_test} test images)."
     )
-  if not _is_int(seed) or not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got seed = {seed!r}.")
+  _checks.check_int("seed", seed, 0, 2**32 - 1)
   # Imported here: scikit-learn is heavy and only this loader needs it.
   from sklearn import datasets, model_selection
 
@@ -128,8 +127,12 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   )
 
 
-def _load_cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads one CIFAR-10 pickle: ``(N, 32, 32, 3)`` uint8 images, int32 labels."""
+_CIFAR10_EXPECTED = ("expected data: an integer array (N, 3072) with values in [0, 255], "
+                     "N >= 1; labels: N integers in [0, 9]")
+
+
+def _read_cifar_pickle(path: str) -> dict[bytes, tp.Any]:
+  """The dict in one CIFAR-10 pickle, with keys ``b'data'`` and ``b'labels'``."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"CIFAR-10 file not found: {path}")
   try:
@@ -144,40 +147,38 @@ def _load_cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
         f"CIFAR-10 file {path} is corrupt: expected a dict with keys b'data' and "
         f"b'labels', got {keys}."
     )
-  expected = ("expected data: an integer array (N, 3072) with values in [0, 255], N >= 1; "
-              "labels: N integers in [0, 9]")
+  return batch
+
+
+def _check_integers(path: str, name: str, values: np.ndarray, high: int) -> None:
+  """Checked, not cast: astype(uint8) would wrap 300 to 44 and truncate 0.5 to 0."""
+  if not np.issubdtype(values.dtype, np.integer) or values.min() < 0 or values.max() > high:
+    got = (f"values in [{values.min()}, {values.max()}]"
+           if np.issubdtype(values.dtype, np.number) else "non-numeric values")
+    raise ValueError(
+        f"CIFAR-10 file {path} is corrupt: {_CIFAR10_EXPECTED}; got {name} of dtype "
+        f"{values.dtype} with {got}."
+    )
+
+
+def _load_cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads one CIFAR-10 pickle: ``(N, 32, 32, 3)`` uint8 images, int32 labels."""
+  batch = _read_cifar_pickle(path)
   try:
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[b"labels"])
   except ValueError as e:  # ragged nested lists
     raise ValueError(
-        f"CIFAR-10 file {path} is corrupt: {expected}; got ragged data or labels: {e}"
+        f"CIFAR-10 file {path} is corrupt: {_CIFAR10_EXPECTED}; got ragged data or labels: {e}"
     ) from e
-  if (
-      data.ndim != 2
-      or data.shape[0] < 1
-      or data.shape[1] != 3 * 32 * 32
-      or labels.shape != (data.shape[0],)
-  ):
+  if (data.ndim != 2 or data.shape[0] < 1 or data.shape[1] != 3 * 32 * 32
+      or labels.shape != (data.shape[0],)):
     raise ValueError(
-        f"CIFAR-10 file {path} is corrupt: {expected}; got data of shape {data.shape} "
-        f"and labels of shape {labels.shape}."
+        f"CIFAR-10 file {path} is corrupt: {_CIFAR10_EXPECTED}; got data of shape "
+        f"{data.shape} and labels of shape {labels.shape}."
     )
-  # Checked, not cast: astype(uint8) would wrap 300 to 44 and truncate 0.5 to 0.
-  if not np.issubdtype(data.dtype, np.integer) or data.min() < 0 or data.max() > 255:
-    got = (f"values in [{data.min()}, {data.max()}]" if np.issubdtype(data.dtype, np.number)
-           else "non-numeric values")
-    raise ValueError(
-        f"CIFAR-10 file {path} is corrupt: {expected}; got data of dtype {data.dtype} "
-        f"with {got}."
-    )
-  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() > 9:
-    got = (f"values in [{labels.min()}, {labels.max()}]"
-           if np.issubdtype(labels.dtype, np.number) else "non-numeric values")
-    raise ValueError(
-        f"CIFAR-10 file {path} is corrupt: {expected}; got labels of dtype "
-        f"{labels.dtype} with {got}."
-    )
+  _check_integers(path, "data", data, 255)
+  _check_integers(path, "labels", labels, 9)
   # Rows are channel-major (1024 red, 1024 green, 1024 blue); make them NHWC.
   images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return images, labels.astype(np.int32)
@@ -290,8 +291,7 @@ def random_shift(
         f"max_shift must be an int in [0, min(H, W) - 1] = [0, {min(h, w) - 1}] for images "
         f"of shape {images.shape}, got max_shift = {max_shift!r}."
     )
-  if not isinstance(flip, (bool, np.bool_)):
-    raise ValueError(f"flip must be True or False, got flip = {flip!r}.")
+  _checks.check_bool("flip", flip)
   p = int(max_shift)
   padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
   dy = rng.integers(0, 2 * p + 1, size=n)
@@ -304,6 +304,34 @@ def random_shift(
     flipped = rng.random(n) < 0.5
     out[flipped] = out[flipped, :, ::-1]
   return out
+
+
+def _split_size(split: tp.Any) -> int:
+  """The number of examples of a :class:`Split`, checked."""
+  images = getattr(split, "images", None)
+  labels = getattr(split, "labels", None)
+  if not hasattr(images, "shape") or not hasattr(labels, "shape"):
+    raise TypeError(
+        "batches: split must be a Split(images, labels) of NumPy arrays, got split of "
+        f"type {type(split).__name__}."
+    )
+  if len(images) != len(labels):
+    raise ValueError(
+        f"batches: split.images and split.labels must have the same length, got "
+        f"{len(images)} images and {len(labels)} labels."
+    )
+  return len(labels)
+
+
+def _check_batch_size(batch_size: tp.Any, n: int, drop_last: bool) -> int:
+  batch_size = _checks.check_int("batch_size", batch_size, 1)
+  if drop_last and batch_size > n:
+    raise ValueError(
+        f"batch_size must be <= the number of examples ({n}) with drop_last=True (the "
+        f"epoch would be empty), got batch_size = {batch_size!r}; pass drop_last=False "
+        "for one smaller batch."
+    )
+  return batch_size
 
 
 def batches(
@@ -336,28 +364,8 @@ def batches(
       the number of examples, which would give an empty epoch), ``augment``
       without ``rng``.
   """
-  images = getattr(split, "images", None)
-  labels = getattr(split, "labels", None)
-  if not hasattr(images, "shape") or not hasattr(labels, "shape"):
-    raise TypeError(
-        "batches: split must be a Split(images, labels) of NumPy arrays, got split of "
-        f"type {type(split).__name__}."
-    )
-  n = len(labels)
-  if len(images) != n:
-    raise ValueError(
-        f"batches: split.images and split.labels must have the same length, got "
-        f"{len(images)} images and {n} labels."
-    )
-  if not _is_int(batch_size) or batch_size < 1:
-    raise ValueError(f"batch_size must be an int >= 1, got batch_size = {batch_size!r}.")
-  if drop_last and batch_size > n:
-    raise ValueError(
-        f"batch_size must be <= the number of examples ({n}) with drop_last=True (the "
-        f"epoch would be empty), got batch_size = {batch_size!r}; pass drop_last=False "
-        "for one smaller batch."
-    )
-  batch_size = int(batch_size)
+  n = _split_size(split)
+  batch_size = _check_batch_size(batch_size, n, drop_last)
   _check_rng(rng, "batches", allow_none=True, methods=("permutation",))
   if augment is not None and not callable(augment):
     raise TypeError(

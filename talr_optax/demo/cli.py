@@ -1,0 +1,196 @@
+"""The command line, ``python -m talr_optax.demo [flags]``.
+
+Every flag is checked here, before any work starts: a bad value exits with
+status 2 and a message naming the flag and what it accepts. The one check
+that needs the data (``--batch-size`` against the training-set size) runs as
+soon as the data is loaded, before any training, with the same status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from talr_optax import _checks
+from talr_optax.demo import store
+from talr_optax.demo.config import BASE_LR, QUICK_EPOCHS, DemoConfig, UsageError
+from talr_optax.demo.tasks import MODELS, TASKS, Task
+
+PROG = "python -m talr_optax.demo"
+BITS = (1, 2, 3, 4, 8)
+
+
+def _or_text(text: str, parse: Callable[[str], Any]) -> Any:
+  """``parse(text)``, or ``text`` itself for the check to report."""
+  try:
+    return parse(text)
+  except ValueError:
+    return text
+
+
+def _arg_type(check: Callable[[str], Any]) -> Callable[[str], Any]:
+  """An argparse ``type`` from a check that raises ``ValueError``."""
+
+  def parse(text: str) -> Any:
+    try:
+      return check(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+
+  return parse
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+  return _arg_type(lambda text: _checks.check_int(flag, _or_text(text, int), 1))
+
+
+def _lam(text: str) -> float:
+  value = _or_text(text, float)
+  _checks.check_number("--lam", value, 0.0, 0.5, low_open=True)
+  return float(value)
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+  accepted = ", ".join(map(str, BITS))
+  items = [item.strip() for item in text.split(",") if item.strip()]
+  bits = tuple(_or_text(item, int) for item in items)
+  if not bits or any(b not in BITS for b in bits):
+    raise ValueError(f"--bits must be a comma-separated list of bit widths in {accepted}, "
+                     f"got --bits = {text!r}")
+  twice = sorted({b for b in bits if bits.count(b) > 1})
+  if twice:
+    raise ValueError(f"--bits must not repeat a bit width (each is run once per seed), got "
+                     f"--bits = {text!r} with {', '.join(map(str, twice))} more than once")
+  return bits
+
+
+def _not_empty(flag: str, text: str) -> str:
+  if not text.strip():
+    raise ValueError(f"{flag} must name a directory, got an empty path")
+  return text
+
+
+def _existing_or_new_directory(flag: str) -> Callable[[str], str]:
+  """A directory that exists or can be created: not empty, no file in the way."""
+
+  def check(text: str) -> str:
+    path = Path(_not_empty(flag, text)).absolute()
+    for p in (path, *path.parents):
+      if p.exists():
+        if not p.is_dir():
+          what = "is a file" if p == path else f"is inside {p}, a file"
+          raise ValueError(f"{flag} must be a directory, but {text} {what}")
+        break
+    return text
+
+  return _arg_type(check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The demo's flags, each with the check of its value."""
+  p = argparse.ArgumentParser(
+      prog=PROG,
+      description="QAT with a cosine learning rate vs transition rate scheduling (TALR).")
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run: one seed, few epochs (about a minute on 2 CPU cores)")
+  p.add_argument("--bits", type=_arg_type(_bits_list), default=None,
+                 help="weight and activation bit widths to run, e.g. 2,1 (default: 2,1)")
+  p.add_argument("--seeds", type=_positive_int("--seeds"), default=None,
+                 help="number of seeds (default 3; 1 with --quick)")
+  p.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
+                 help="QAT epochs per run (default 60 on digits, 400 on cifar10)")
+  p.add_argument("--fp-epochs", type=_positive_int("--fp-epochs"), default=None,
+                 help="full-precision pretraining epochs (default 15 on digits)")
+  p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
+                 help="batch size, at most the training-set size "
+                      "(default 32 on digits, 256 on cifar10)")
+  p.add_argument("--rule", choices=("multiplicative", "additive"), default="multiplicative",
+                 help="TALR rule (default: multiplicative, the better-tracking one here)")
+  p.add_argument("--optimizer", choices=tuple(BASE_LR), default="sgd",
+                 help="sgd: SGD vs SGDT (lr 0.1); adam: Adam vs AdamT (lr 1e-3)")
+  p.add_argument("--lam", type=_arg_type(_lam), default=5e-3,
+                 help="target scale lambda in (0, 0.5]: R_0 = lambda * sqrt(bits) (default 5e-3)")
+  p.add_argument("--dataset", choices=tuple(TASKS), default="digits",
+                 help="; ".join(f"{t.name}: {t.help}" for t in TASKS.values()))
+  p.add_argument("--model", choices=tuple(MODELS), default=None,
+                 help="; ".join(f"{m} (default with {t.name})" for t in TASKS.values()
+                                for m in t.models[:1]))
+  p.add_argument("--data-dir", default=None,
+                 type=_arg_type(lambda text: _not_empty("--data-dir", text)),
+                 help="directory of the data, for the datasets that need one")
+  p.add_argument("--out", default="runs/demo", type=_existing_or_new_directory("--out"),
+                 help="output directory (default runs/demo)")
+  p.add_argument("--checkpoint-dir", default=None,
+                 type=_existing_or_new_directory("--checkpoint-dir"),
+                 help="save each run after every epoch here, and resume from it")
+  return p
+
+
+def _check_task_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      task: Task) -> str:
+  """The model for ``task`` (``--model`` or its default); checks ``--data-dir``."""
+  if task.data_dir and not args.data_dir:
+    parser.error(f"--dataset {task.name} needs --data-dir DIR ({task.data_dir})")
+  if args.data_dir and not task.data_dir:
+    parser.error(f"--data-dir is not used with --dataset {task.name}; drop it, or choose "
+                 f"one of: {', '.join(t.name for t in TASKS.values() if t.data_dir)}")
+  model = args.model or task.models[0]
+  if model not in task.models:
+    parser.error(f"--model {model} does not fit --dataset {task.name}; "
+                 f"use --model {' or '.join(task.models)}")
+  return model
+
+
+def _check_checkpoint_dir(parser: argparse.ArgumentParser, cfg: DemoConfig) -> None:
+  if importlib.util.find_spec("orbax") is None:
+    parser.error("--checkpoint-dir needs orbax-checkpoint: pip install orbax-checkpoint")
+  try:
+    store.check_config(cfg)
+  except ValueError as e:
+    parser.error(str(e))
+
+
+def config_from_args(argv: Sequence[str] | None = None,
+                     parser: argparse.ArgumentParser | None = None) -> DemoConfig:
+  """Parses and checks the command line (a bad flag exits with status 2)."""
+  parser = parser or build_parser()
+  args = parser.parse_args(argv)
+  task = TASKS[args.dataset]
+  model = _check_task_flags(parser, args, task)
+  quick_epochs, quick_fp_epochs = QUICK_EPOCHS
+  cfg = DemoConfig(
+      dataset=task.name,
+      model=model,
+      bits=args.bits or (2, 1),
+      seeds=args.seeds or (1 if args.quick else 3),
+      epochs=args.epochs or (quick_epochs if args.quick else task.defaults.epochs),
+      fp_epochs=args.fp_epochs or (quick_fp_epochs if args.quick else task.defaults.fp_epochs),
+      batch_size=args.batch_size or task.defaults.batch_size,
+      optimizer=args.optimizer,
+      rule=args.rule,
+      lam=args.lam,
+      data_dir=args.data_dir,
+      out=args.out,
+      checkpoint_dir=args.checkpoint_dir,
+  )
+  if cfg.checkpoint_dir is not None:
+    _check_checkpoint_dir(parser, cfg)
+  return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the demo; 0 on success, 1 for missing or corrupt files, 2 for bad flags."""
+  parser = build_parser()
+  cfg = config_from_args(argv, parser)
+  from talr_optax.demo import runs  # pylint: disable=import-outside-toplevel
+  try:
+    runs.run(cfg)
+  except UsageError as e:
+    parser.error(str(e))
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
