@@ -28,6 +28,8 @@ from talr_optax.nnx.models import MobileNetV2Tiny
 from talr_optax.nnx.models import reset_calibration
 from talr_optax.nnx.models import ResNet20
 from talr_optax.nnx.models import SmallCNN
+from talr_optax.nnx.transformer import TransformerBlock
+from talr_optax.nnx.transformer import TransformerLM
 
 __all__ = [
     "ACCEPTED_BITS",
@@ -46,6 +48,8 @@ __all__ = [
     "QuantLinear",
     "ResNet20",
     "SmallCNN",
+    "TransformerBlock",
+    "TransformerLM",
     "WeightScale",
     "calibrate",
     "layer_axes_for",
