@@ -156,7 +156,9 @@ def _assert_results(out: Path, results: dict, epochs: int) -> None:
   for run in results["runs"]:
     n = len(run["trace"]["k"])
     assert n == 44 * epochs  # 1437 training images // 32
-    assert all(len(run["trace"][key]) == n for key in ("K", "R", "U", "lr", "loss"))
+    assert all(len(run["trace"][key]) == n for key in ("K", "R", "U", "lr", "loss", "osc"))
+    # The oscillation monitor runs in both arms: a frequency in [0, 1] that moves.
+    assert all(0.0 <= f <= 1.0 for f in run["trace"]["osc"]) and max(run["trace"]["osc"]) > 0
     assert len(run["test_accuracy_per_epoch"]) == epochs
     assert 0.5 <= run["final_test_accuracy"] <= 1.0
     assert all(0.0 <= k <= 1.0 for k in run["trace"]["k"])
@@ -168,7 +170,7 @@ def _assert_results(out: Path, results: dict, epochs: int) -> None:
   talr_run = next(r for r in results["runs"] if r["method"] == "talr")
   assert talr_run["trace"]["U"] != talr_run["trace"]["lr"]
   assert {row["method"] for row in results["summary"]} == {"sgd", "talr"}
-  for name in ("rate_tracking", "learning_rates", "accuracy", "weight_changes"):
+  for name in ("rate_tracking", "learning_rates", "accuracy", "weight_changes", "oscillations"):
     png = out / f"{name}.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 

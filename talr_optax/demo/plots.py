@@ -38,6 +38,19 @@ def _label(results: dict[str, Any], method: str) -> str:
   return results["config"]["method_labels"][method]
 
 
+def _name(results: dict[str, Any], bits: int) -> str:
+  """``W2A2``, or ``W2`` when only weights are quantized (the language model)."""
+  return f"W{bits}" if results["config"].get("weight_only") else f"W{bits}A{bits}"
+
+
+def _per_evaluation(run: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray, str]:
+  """``(x, values, x label)`` of a per-evaluation series: per epoch, or per ``evals`` step."""
+  if "evals" in run:
+    return np.asarray(run["evals"]["step"]), np.asarray(run["evals"][key]), "training step"
+  values = np.asarray(run[f"{key}_per_epoch"])
+  return np.arange(1, len(values) + 1), values, "epoch"
+
+
 def _smooth(x: np.ndarray, n: int) -> np.ndarray:
   if n <= 1 or len(x) < n:
     return x
@@ -62,6 +75,7 @@ def _save(fig, out: Path, name: str) -> Path:
   path = out / name
   fig.tight_layout()
   fig.savefig(path, dpi=90)
+  _pyplot().close(fig)  # pyplot keeps every figure open until closed
   return path
 
 
@@ -81,7 +95,8 @@ def plot_rate_tracking(results: dict[str, Any], out: Path) -> Path:
               label=f"K of {_label(results, 'sgd')}")
     top = 2.5 * max(max(run["R"]), 1e-6)
     ax.set_ylim(0, top)
-    _finish(ax, f"W{bits}A{bits}", "training step", "fraction of quantized weights changing level")
+    _finish(ax, _name(results, bits), "training step",
+            "fraction of quantized weights changing level")
   return _save(fig, out, "rate_tracking.png")
 
 
@@ -97,7 +112,7 @@ def plot_learning_rates(results: dict[str, Any], out: Path) -> Path:
     if base:
       ax.plot(step, base[0]["trace"]["lr"], color="tab:gray",
               label=f"{_label(results, 'sgd')} learning rate (cosine)")
-    _finish(ax, f"W{bits}A{bits}", "training step", "learning rate")
+    _finish(ax, _name(results, bits), "training step", "learning rate")
   return _save(fig, out, "learning_rates.png")
 
 
@@ -115,7 +130,7 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
       ax.plot(epoch, acc.mean(0), color=_COLORS[method],
               label=f"{_label(results, method)} ({len(runs)} seeds)")
       ax.fill_between(epoch, acc.min(0), acc.max(0), color=_COLORS[method], alpha=0.2)
-    _finish(ax, f"W{bits}A{bits}", "epoch", "test accuracy (%)")
+    _finish(ax, _name(results, bits), "epoch", "test accuracy (%)")
   return _save(fig, out, "accuracy.png")
 
 
@@ -141,27 +156,97 @@ def plot_weight_changes(results: dict[str, Any], out: Path) -> Path:
       dens = np.asarray(hist["density"])
       ax_h.step(centers, dens, where="mid", color=_COLORS[method],
                 label=f"{_label(results, method)} (mean {hist['mean']:.3f})")
-      means = np.array([r["md2tp_mean_per_epoch"] for r in runs])
-      ax_m.plot(np.arange(1, means.shape[1] + 1), means.mean(0), color=_COLORS[method],
+      x, _, x_label = _per_evaluation(runs[0], "md2tp_mean")
+      means = np.array([_per_evaluation(r, "md2tp_mean")[1] for r in runs])
+      ax_m.plot(x, means.mean(0), color=_COLORS[method],
                 label=f"{_label(results, method)} ({len(runs)} seeds)")
     ax_k.set_yscale("symlog", linthresh=1e-4)
-    name = f"W{bits}A{bits}"
+    name = _name(results, bits)
     _finish(ax_k, f"{name}: fraction of quantized weights changing level",
             "training step", "k")
     _finish(ax_h, f"{name}: distance to nearest transition point, end of QAT",
             "normalised distance (0 = on a transition point)", "density")
-    _finish(ax_m, f"{name}: mean distance to nearest transition point", "epoch",
+    _finish(ax_m, f"{name}: mean distance to nearest transition point", x_label,
             "mean normalised distance")
   return _save(fig, out, "weight_changes.png")
 
 
+def plot_oscillations(results: dict[str, Any], out: Path) -> Path:
+  """(5) Mean oscillation frequency of the quantized weights, baseline vs TALR."""
+  plt = _pyplot()
+  fig, panels = _grid(plt, results, "Weight oscillations (flips back to the previous level)")
+  for bits, ax in panels:
+    for method in ("sgd", "talr"):
+      runs = _runs(results, bits, method)
+      if not runs:
+        continue
+      osc = np.array([r["trace"]["osc"] for r in runs])
+      step = np.arange(1, osc.shape[1] + 1)
+      ax.plot(step, osc.mean(0), color=_COLORS[method],
+              label=f"{_label(results, method)} ({len(runs)} seeds)")
+      ax.fill_between(step, osc.min(0), osc.max(0), color=_COLORS[method], alpha=0.2)
+    _finish(ax, _name(results, bits), "training step",
+            "mean oscillation frequency (EMA, m = 0.99)")
+  return _save(fig, out, "oscillations.png")
+
+
+def plot_bits_per_byte(results: dict[str, Any], out: Path) -> Path:
+  """(3, language model) Validation bits per byte per evaluation, mean over seeds."""
+  plt = _pyplot()
+  fig, panels = _grid(plt, results, "Validation bits per byte during QAT")
+  for bits, ax in panels:
+    for method in ("sgd", "talr"):
+      runs = _runs(results, bits, method)
+      if not runs:
+        continue
+      step, _, _ = _per_evaluation(runs[0], "bits_per_byte")
+      bpb = np.array([_per_evaluation(r, "bits_per_byte")[1] for r in runs])
+      ax.plot(step, bpb.mean(0), color=_COLORS[method], marker=".",
+              label=f"{_label(results, method)} ({len(runs)} seeds)")
+      ax.fill_between(step, bpb.min(0), bpb.max(0), color=_COLORS[method], alpha=0.2)
+    fp = results["pretraining"]["final_bits_per_byte"]
+    ax.axhline(fp, color="black", ls=":", lw=1.0, label=f"full precision ({fp:.3f})")
+    # The first evaluations (just after quantizing) would squash the end.
+    ends = [r["final_bits_per_byte"] for r in results["runs"] if r["bits"] == bits]
+    ax.set_ylim(fp - 0.02, max(ends) + 4 * (max(ends) - fp + 0.01))
+    _finish(ax, _name(results, bits), "training step", "validation bits per byte")
+  return _save(fig, out, "bits_per_byte.png")
+
+
+def plot_sweep(results: dict[str, Any], out: Path) -> Path:
+  """(6, language model) The baseline's learning-rate sweep against TALR (seed 0)."""
+  plt = _pyplot()
+  fig, panels = _grid(plt, results, "Baseline learning-rate sweep (seed 0)")
+  for bits, ax in panels:
+    sweep = [row for row in results["sweep"] if row["bits"] == bits]
+    lrs = [row["learning_rate"] for row in sweep]
+    ax.plot(lrs, [row["final_bits_per_byte"] for row in sweep], color=_COLORS["sgd"],
+            marker="o", label=f"{_label(results, 'sgd')}, cosine learning rate")
+    best = min(sweep, key=lambda row: row["final_bits_per_byte"])
+    ax.plot([best["learning_rate"]], [best["final_bits_per_byte"]], color="tab:red",
+            marker="*", markersize=12, ls="none", label="chosen")
+    talr = [r for r in _runs(results, bits, "talr") if r["seed"] == 0]
+    if talr:
+      ax.axhline(talr[0]["final_bits_per_byte"], color=_COLORS["talr"],
+                 label=f"{_label(results, 'talr')} (base rate {talr[0]['learning_rate']:g})")
+    ax.set_xscale("log")
+    _finish(ax, _name(results, bits), "peak learning rate of the quantized weights",
+            "final validation bits per byte")
+  return _save(fig, out, "lr_sweep.png")
+
+
 def plot_all(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
-  """Writes the four figures of a demo run to ``out_dir``; returns their paths."""
+  """Writes the figures of a demo run to ``out_dir``; returns their paths."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  return [
+  score = plot_bits_per_byte if results["config"].get("task") == "lm" else plot_accuracy
+  figures = [
       plot_rate_tracking(results, out),
       plot_learning_rates(results, out),
-      plot_accuracy(results, out),
+      score(results, out),
       plot_weight_changes(results, out),
+      plot_oscillations(results, out),
   ]
+  if "sweep" in results:
+    figures.append(plot_sweep(results, out))
+  return figures

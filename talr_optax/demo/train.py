@@ -23,7 +23,7 @@ _EVAL_BATCH = 500
 # Steps at the start of a run left out of the tracking error: K starts at R_0
 # and needs ~1/(1-m) steps to reflect the measured rate.
 _WARMUP_FRACTION = 0.1
-TRACE_KEYS = ("k", "K", "R", "U", "lr", "loss")
+TRACE_KEYS = ("k", "K", "R", "U", "lr", "loss", "osc")
 # progress(epoch=, loss=, acc=, U=, K=, advance=1) after every epoch.
 Progress = Callable[..., None]
 
@@ -32,12 +32,16 @@ class Interrupted(RuntimeError):
   """Raised by the ``interrupt_after`` test hook of :func:`run_qat`."""
 
 
-def _step_metrics(opt_state: Any) -> dict[str, jax.Array]:
-  """Mean over quantized tensors of k, K, R and U (R and U only under TALR)."""
+def step_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Mean over rate groups of k, K, R, U and the oscillation frequency ``osc``.
+
+  R and U only under TALR; ``osc`` where ``talr.track_oscillations`` runs.
+  """
   m = talr.metrics(opt_state)
   out = {}
   for name, prefix in (("k", "transition_rate/"), ("K", "ema_transition_rate/"),
-                       ("R", "target_transition_rate/"), ("U", "talr/")):
+                       ("R", "target_transition_rate/"), ("U", "talr/"),
+                       ("osc", "mean_oscillation_frequency/")):
     values = [v for key, v in m.items() if key.startswith(prefix)]
     if values:
       out[name] = jnp.mean(jnp.stack(values))
@@ -49,10 +53,10 @@ def _step_metrics(opt_state: Any) -> dict[str, jax.Array]:
 @functools.partial(nnx.jit, static_argnums=0)
 def train_step(task: Task, model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array,
                y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """One update of ``model``; returns the loss and the mean rates (see ``_step_metrics``)."""
+  """One update of ``model``; returns the loss and the mean rates (see ``step_metrics``)."""
   loss, grads = nnx.value_and_grad(lambda m: task.loss(m(x), y))(model)
   optimizer.update(model, grads)
-  return loss, _step_metrics(optimizer.opt_state)
+  return loss, step_metrics(optimizer.opt_state)
 
 
 @functools.partial(nnx.jit, static_argnums=0)
@@ -113,7 +117,8 @@ def md2tp(model: nnx.Module) -> np.ndarray:
   for _, layer in tnnx.quantized_layers(model):
     if layer.weight_bits is None:
       continue
-    d = talr.distance_to_transition(layer.kernel[...], layer.weight_scale[...],
+    # weight_scale_for: per-layer scales shaped to broadcast over a stacked kernel.
+    d = talr.distance_to_transition(layer.kernel[...], layer.weight_scale_for(),
                                     layer.weight_bits)
     # Binary distances live in [0, 1]; halve them to share the [0, 0.5] axis.
     parts.append(np.asarray(d).ravel() * (0.5 if layer.weight_bits == 1 else 1.0))
@@ -189,9 +194,10 @@ def _train_epoch(run: _Qat, cfg: DemoConfig, dataset: data.Dataset,
     traces["R"].append(float(m["R"]) if "R" in m else float(run.target(step)))
     traces["lr"].append(lr)
     traces["U"].append(float(m["U"]) if "U" in m else lr)
+    traces["osc"].append(float(m["osc"]))
 
 
-def _tracking_error(traces: dict[str, list[float]], r0: float) -> float:
+def tracking_error(traces: dict[str, list[float]], r0: float) -> float:
   """Mean |K - R| / R_0 after the warm-up."""
   K, R = np.asarray(traces["K"]), np.asarray(traces["R"])
   start = int(_WARMUP_FRACTION * len(K))
@@ -208,7 +214,7 @@ def _record(run: _Qat, log: RunLog, bits: int, seed: int, method: str) -> dict[s
       "method": method,
       "final_test_accuracy": log.accs[-1],
       "test_accuracy_per_epoch": log.accs,
-      "tracking_error": _tracking_error(log.traces, run.r0),
+      "tracking_error": tracking_error(log.traces, run.r0),
       "r0": run.r0,
       "md2tp_mean_per_epoch": log.md2tp_means,
       "md2tp_histogram": {"edges": edges.tolist(), "density": counts.tolist(),
