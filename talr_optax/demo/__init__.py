@@ -2,6 +2,7 @@
 
     python -m talr_optax.demo            # digits, small CNN, W2A2 and W1A1, 3 seeds
     python -m talr_optax.demo --quick    # one seed, few epochs: a smoke run
+    python -m talr_optax.demo --task lm  # a byte-level transformer, AdamW vs AdamWT
 
 For each bit width and seed a full-precision model is trained briefly, then
 two QAT runs start from it:
@@ -21,7 +22,11 @@ Modules, one job each: :mod:`~talr_optax.demo.cli` (flags and their checks),
 (parameter groups), :mod:`~talr_optax.demo.train` (one run),
 :mod:`~talr_optax.demo.runs` (all runs, results), :mod:`~talr_optax.demo.store`
 (checkpoints), :mod:`~talr_optax.demo.summary` and
-:mod:`~talr_optax.demo.plots` (table and figures). The library never imports
+:mod:`~talr_optax.demo.plots` (table and figures). The language-model task
+(``--task lm``) has its own modules: :mod:`~talr_optax.demo.lm_config`
+(settings, flags), :mod:`~talr_optax.demo.lm_data` (the standard library's
+bytes), :mod:`~talr_optax.demo.lm_train` (one run) and
+:mod:`~talr_optax.demo.lm_runs` (the procedure, results). The library never imports
 this package; the data loaders need neither Flax nor Orbax.
 """
 

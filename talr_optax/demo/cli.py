@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from talr_optax import _checks
-from talr_optax.demo import store
+from talr_optax.demo import lm_config, store
 from talr_optax.demo.config import BASE_LR, QUICK_EPOCHS, DemoConfig, UsageError
 from talr_optax.demo.tasks import MODELS, TASKS, Task
 
@@ -94,10 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog=PROG,
       description="QAT with a cosine learning rate vs transition rate scheduling (TALR).")
+  p.add_argument("--task", choices=("digits", "lm"), default="digits",
+                 help="digits: the image classifiers (see --dataset); lm: a byte-level "
+                      "transformer language model, AdamW vs AdamWT (flags below)")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: one seed, few epochs (about a minute on 2 CPU cores)")
   p.add_argument("--bits", type=_arg_type(_bits_list), default=None,
-                 help="weight and activation bit widths to run, e.g. 2,1 (default: 2,1)")
+                 help="weight and activation bit widths to run, e.g. 2,1 (default: 2,1; "
+                      "weights only, 2,4 with --task lm, 2 with --task lm --quick)")
   p.add_argument("--seeds", type=_positive_int("--seeds"), default=None,
                  help="number of seeds (default 3; 1 with --quick)")
   p.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="full-precision pretraining epochs (default 15 on digits)")
   p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
                  help="batch size, at most the training-set size "
-                      "(default 32 on digits, 256 on cifar10)")
+                      "(default 32 on digits and --task lm, 256 on cifar10)")
   p.add_argument("--rule", choices=("multiplicative", "additive"), default="multiplicative",
                  help="TALR rule (default: multiplicative, the better-tracking one here)")
   p.add_argument("--optimizer", choices=tuple(BASE_LR), default="sgd",
@@ -121,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir", default=None,
                  type=_arg_type(lambda text: _not_empty("--data-dir", text)),
                  help="directory of the data, for the datasets that need one")
-  p.add_argument("--out", default="runs/demo", type=_existing_or_new_directory("--out"),
-                 help="output directory (default runs/demo)")
+  p.add_argument("--out", default=None, type=_existing_or_new_directory("--out"),
+                 help="output directory (default runs/demo; runs/lm with --task lm)")
   p.add_argument("--checkpoint-dir", default=None,
                  type=_existing_or_new_directory("--checkpoint-dir"),
                  help="save each run after every epoch here, and resume from it")
+  lm_config.add_arguments(p, _arg_type, _positive_int)
   return p
 
 
@@ -154,10 +159,16 @@ def _check_checkpoint_dir(parser: argparse.ArgumentParser, cfg: DemoConfig) -> N
 
 
 def config_from_args(argv: Sequence[str] | None = None,
-                     parser: argparse.ArgumentParser | None = None) -> DemoConfig:
+                     parser: argparse.ArgumentParser | None = None
+                     ) -> DemoConfig | lm_config.LMConfig:
   """Parses and checks the command line (a bad flag exits with status 2)."""
   parser = parser or build_parser()
   args = parser.parse_args(argv)
+  if args.task == "lm":
+    return lm_config.config_from_args(parser, args, dict(
+        bits=args.bits, seeds=args.seeds, batch_size=args.batch_size, rule=args.rule,
+        lam=args.lam, out=args.out))
+  lm_config.check_not_lm(parser, args)
   task = TASKS[args.dataset]
   model = _check_task_flags(parser, args, task)
   quick_epochs, quick_fp_epochs = QUICK_EPOCHS
@@ -173,7 +184,7 @@ def config_from_args(argv: Sequence[str] | None = None,
       rule=args.rule,
       lam=args.lam,
       data_dir=args.data_dir,
-      out=args.out,
+      out=args.out or DemoConfig.out,
       checkpoint_dir=args.checkpoint_dir,
   )
   if cfg.checkpoint_dir is not None:
@@ -187,7 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   cfg = config_from_args(argv, parser)
   from talr_optax.demo import runs  # pylint: disable=import-outside-toplevel
   try:
-    runs.run(cfg)
+    if isinstance(cfg, lm_config.LMConfig):
+      from talr_optax.demo import lm_runs  # pylint: disable=import-outside-toplevel
+      lm_runs.run(cfg)
+    else:
+      runs.run(cfg)
   except UsageError as e:
     parser.error(str(e))
   except (OSError, ValueError) as e:

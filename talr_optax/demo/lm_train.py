@@ -1,0 +1,280 @@
+"""Training for the language-model task: pretraining, one QAT run, evaluation.
+
+One compiled step serves every run of the same kind. The step receives the
+model (NNX traces its variables) and builds the optimizer from that traced
+model, so the weight step sizes ``levels_fn`` reads are inputs of the
+program, not constants baked in per run; the baseline's learning-rate
+multiple is an input too. A run of another seed or learning rate then reuses
+the program compiled for the first one, which on a CPU saves several seconds
+per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import talr_optax as talr
+from talr_optax import nnx as tnnx
+from talr_optax.demo import lm_data
+from talr_optax.demo.config import METHODS
+from talr_optax.demo.lm_config import WEIGHT_DECAY, LMConfig
+from talr_optax.demo.train import TRACE_KEYS, md2tp, step_metrics, tracking_error
+
+FP = "fp"
+_EVAL_BATCH = 128
+_HIST_BINS = 25
+# progress(steps=, status=) after every evaluation.
+Progress = Callable[..., None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """What a compiled training step depends on (hashable: a static argument).
+
+  Attributes:
+    method: ``"fp"`` (pretraining), ``"sgd"`` (the AdamW baseline) or
+      ``"talr"`` (AdamWT).
+    bits: weight bits (``None`` for pretraining).
+    steps: length of the run (the cosine schedules end there).
+    lr: base learning rate.
+    lam: the target's ``lambda``.
+    rule: TALR rule.
+    ema_momentum: momentum ``m`` of ``K`` (both arms) and of TALR's ``c``.
+  """
+
+  method: str
+  bits: int | None
+  steps: int
+  lr: float
+  lam: float = 5e-3
+  rule: str = "multiplicative"
+  ema_momentum: float = 0.99
+
+  @property
+  def r0(self) -> float:
+    """``R_0 = lambda sqrt(bits)`` (0 for pretraining)."""
+    return talr.initial_target(self.bits, self.lam) if self.bits else 0.0
+
+  def schedule(self) -> optax.Schedule:
+    """Pretraining: warm-up then cosine to a tenth; QAT: cosine from ``lr`` to 0."""
+    if self.method == FP:
+      warmup = max(1, min(100, self.steps // 10))
+      return optax.warmup_cosine_decay_schedule(0.0, self.lr, warmup, self.steps,
+                                                end_value=self.lr / 10)
+    return optax.cosine_decay_schedule(self.lr, self.steps)
+
+  def target(self) -> optax.Schedule:
+    """TALR's cosine target from ``R_0`` (the baseline's ``K`` is compared with it)."""
+    return talr.cosine_target(self.r0, self.steps)
+
+
+def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0) -> optax.GradientTransformation:
+  """The optimizer of ``arm`` for ``model`` (two parameter groups in QAT).
+
+  Quantized kernels: AdamWT with the cosine target (``method="talr"``), or
+  AdamW with ``lr_scale`` times the cosine learning rate (``"sgd"``, whose
+  transitions ``track_transitions`` counts); both chains end with
+  ``track_oscillations``, a monitor. Everything else (embeddings, norms,
+  output layer): AdamW with the cosine learning rate, the same in both arms.
+  Per-layer rates for the stacked kernels (``layer_axes_for``).
+
+  Args:
+    arm: the run's settings.
+    model: the model, possibly traced (inside the compiled step).
+    lr_scale: the baseline's multiple of the cosine learning rate (a float
+      or a traced scalar); unused by the other methods.
+
+  Returns:
+    An ``optax`` transformation over ``nnx.state(model, nnx.Param)``.
+  """
+  lr = arm.schedule()
+  full_precision = optax.adamw(lr, weight_decay=WEIGHT_DECAY)
+  if arm.method == FP:
+    return full_precision
+  levels_fn, axes = tnnx.levels_fn_for(model), tnnx.layer_axes_for(model)
+  if arm.method == "talr":
+    quantized = talr.adamwt(lr, arm.target(), levels_fn, weight_decay=WEIGHT_DECAY,
+                            rule=arm.rule, ema_momentum=arm.ema_momentum, layer_axes=axes)
+  else:
+    # optax.adamw's stages, then the count; K starts at R_0 as TALR's does.
+    quantized = optax.chain(
+        optax.scale_by_adam(), optax.add_decayed_weights(WEIGHT_DECAY),
+        optax.scale_by_learning_rate(lambda count: lr_scale * lr(count)),
+        talr.track_transitions(levels_fn, arm.target(), momentum=arm.ema_momentum,
+                               layer_axes=axes))
+  quantized = optax.chain(quantized, talr.track_oscillations(levels_fn, layer_axes=axes))
+  return optax.partition({tnnx.QUANTIZED: quantized, tnnx.FULL_PRECISION: full_precision},
+                         tnnx.param_labels(model))
+
+
+def make_model(cfg: LMConfig, bits: int | None, seed: int) -> nnx.Module:
+  """The configured :class:`~talr_optax.nnx.TransformerLM` (``bits=None``: full precision)."""
+  return tnnx.TransformerLM(context=cfg.context, width=cfg.width, num_layers=cfg.layers,
+                            num_heads=cfg.heads, weight_bits=bits, rngs=nnx.Rngs(seed))
+
+
+def next_byte_loss(model: nnx.Module, windows: jax.Array) -> jax.Array:
+  """Per-position cross-entropy (nats) of predicting ``windows[:, 1:]``."""
+  logits = model(windows[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
+
+
+@functools.partial(nnx.jit, static_argnums=0)
+def train_step(arm: Arm, model: nnx.Module, opt_state: Any, lr_scale: jax.Array,
+               windows: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+  """One update of ``model`` (in place); returns the loss, the new state and mean rates."""
+  loss, grads = nnx.value_and_grad(lambda m: next_byte_loss(m, windows).mean())(model)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  updates, opt_state = optimizer(arm, model, lr_scale).update(
+      nnx.as_pure(grads), opt_state, params)
+  nnx.update(model, optax.apply_updates(params, updates))
+  return loss, opt_state, step_metrics(opt_state)
+
+
+@nnx.jit
+def _nll_sum(model: nnx.Module, windows: jax.Array) -> jax.Array:
+  return next_byte_loss(model, windows).sum()
+
+
+def bits_per_byte(model: nnx.Module, windows: np.ndarray) -> float:
+  """Mean next-byte cross-entropy of ``model`` on ``windows``, in bits."""
+  model.eval()
+  total = sum(float(_nll_sum(model, jnp.asarray(windows[i:i + _EVAL_BATCH])))
+              for i in range(0, len(windows), _EVAL_BATCH))
+  model.train()
+  return total / (windows[:, 1:].size * math.log(2))
+
+
+@dataclasses.dataclass
+class _Run:
+  """The moving parts of one run."""
+
+  arm: Arm
+  model: nnx.Module
+  opt_state: Any
+  lr_scale: float
+  rng: np.random.Generator
+
+
+def _train(cfg: LMConfig, run: _Run, corpus: lm_data.ByteCorpus, val: np.ndarray,
+           progress: Progress | None, name: str) -> dict[str, Any]:
+  """Trains ``run`` for its steps; per-step traces and the validation curve."""
+  traces: dict[str, list[float]] = {key: [] for key in TRACE_KEYS}
+  quantized = run.arm.bits is not None
+  evals: dict[str, list[float]] = {"step": [], "bits_per_byte": [], "md2tp_mean": []}
+  lr, target = run.arm.schedule(), run.arm.target() if quantized else None
+  scale = jnp.asarray(run.lr_scale, jnp.float32)
+  done = 0
+  while done < run.arm.steps:
+    chunk = min(cfg.eval_every, run.arm.steps - done)
+    pending = []
+    for _ in range(chunk):
+      windows = lm_data.random_windows(corpus.train, cfg.context + 1, cfg.batch_size, run.rng)
+      loss, run.opt_state, m = train_step(run.arm, run.model, run.opt_state, scale,
+                                          jnp.asarray(windows))
+      pending.append((loss, m))
+    for loss, m in jax.device_get(pending):  # one transfer per chunk, not per step
+      done_step = len(traces["loss"]) + 1
+      traces["loss"].append(float(loss))
+      if target is None:
+        continue
+      # Entry n is the state after update n, as in the digits task.
+      lr_n = float(run.lr_scale * lr(done_step)) if run.arm.method == "sgd" else float(
+          lr(done_step))
+      traces["lr"].append(lr_n)
+      traces["k"].append(float(m["k"]))
+      traces["K"].append(float(m["K"]))
+      traces["R"].append(float(m["R"]) if "R" in m else float(target(done_step)))
+      traces["U"].append(float(m["U"]) if "U" in m else lr_n)
+      traces["osc"].append(float(m["osc"]))
+    done += chunk
+    evals["step"].append(done)
+    evals["bits_per_byte"].append(bits_per_byte(run.model, val))
+    if quantized:
+      evals["md2tp_mean"].append(float(np.mean(md2tp(run.model))))
+    if progress is not None:
+      progress(steps=chunk, status=(
+          f"{name} step {done}/{run.arm.steps} loss {np.mean(traces['loss'][-chunk:]):.3f} "
+          f"val {evals['bits_per_byte'][-1]:.3f} bits/byte"))
+  return {"trace": {k: v for k, v in traces.items() if v},
+          "evals": {k: v for k, v in evals.items() if v}}
+
+
+def pretrain(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, seed: int,
+             progress: Progress | None = None) -> tuple[nnx.Module, dict[str, Any]]:
+  """The full-precision model QAT of ``seed`` starts from, and its validation curve."""
+  model = make_model(cfg, None, seed)
+  arm = Arm(FP, None, cfg.fp_steps, cfg.fp_lr)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  run = _Run(arm, model, optimizer(arm, model).init(params), 1.0,
+             np.random.default_rng(10_000 + seed))
+  model.train()
+  log = _train(cfg, run, corpus, val, progress, f"seed {seed} FP")
+  return model, {"seed": seed, "steps": cfg.fp_steps, "evals": log["evals"],
+                 "final_bits_per_byte": log["evals"]["bits_per_byte"][-1]}
+
+
+def _final_groups(opt_state: Any) -> dict[str, dict[str, float]]:
+  """Per rate group (``blocks/mlp/up/kernel[1]`` ...) the final K, U and oscillation frequency."""
+  out: dict[str, dict[str, float]] = {}
+  for key, value in talr.metrics(opt_state).items():
+    field, _, name = key.partition("/")
+    short = {"ema_transition_rate": "K", "talr": "U", "mean_oscillation_frequency": "osc"}
+    if field in short:
+      out.setdefault(name, {})[short[field]] = float(value)
+  return out
+
+
+def run_qat(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model: nnx.Module,
+            bits: int, seed: int, method: str, lr_scale: float = 1.0,
+            progress: Progress | None = None) -> dict[str, Any]:
+  """One QAT run from ``fp_model``; returns its record for ``results.json``.
+
+  Both methods of a seed draw the same training windows (the same ``rng``
+  seed), so their difference is the optimizer's alone.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  model = make_model(cfg, bits, seed)
+  tnnx.load_full_precision(model, fp_model)
+  rng = np.random.default_rng(seed)
+  tnnx.calibrate(model, jnp.asarray(
+      lm_data.random_windows(corpus.train, cfg.context, cfg.batch_size, rng)))
+  arm = Arm(method, bits, cfg.steps, cfg.lr, cfg.lam, cfg.rule, cfg.ema_momentum)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  run = _Run(arm, model, optimizer(arm, model, lr_scale).init(params), lr_scale, rng)
+  model.train()
+  start_bpb = bits_per_byte(model, val)
+  label = f"seed {seed} W{bits} {cfg.labels[method]}" + (
+      f" x{lr_scale:g}" if method == "sgd" else "")
+  log = _train(cfg, run, corpus, val, progress, label)
+  d = md2tp(model)
+  counts, edges = np.histogram(d, bins=_HIST_BINS, range=(0.0, 0.5), density=True)
+  trace = log["trace"]
+  late = trace["osc"][-max(1, len(trace["osc"]) // 10):]
+  return {
+      "bits": bits,
+      "seed": seed,
+      "method": method,
+      "lr_scale": lr_scale,
+      "learning_rate": cfg.lr * (lr_scale if method == "sgd" else 1.0),
+      "start_bits_per_byte": start_bpb,
+      "final_bits_per_byte": log["evals"]["bits_per_byte"][-1],
+      "evals": log["evals"],
+      "tracking_error": tracking_error(trace, arm.r0),
+      "r0": arm.r0,
+      "late_oscillation_frequency": float(np.mean(late)),
+      "groups": _final_groups(run.opt_state),
+      "md2tp_histogram": {"edges": edges.tolist(), "density": counts.tolist(),
+                          "mean": float(np.mean(d))},
+      "trace": trace,
+  }

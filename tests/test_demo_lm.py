@@ -1,0 +1,172 @@
+"""The language-model task of the demo (``--task lm``): data, flags, a tiny end-to-end run."""
+
+import hashlib
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("matplotlib")
+pytest.importorskip("rich")
+
+from talr_optax import demo  # pylint: disable=g-import-not-at-top
+from talr_optax.demo import lm_config, lm_data  # pylint: disable=g-import-not-at-top
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def _write_library(directory, n=25):
+  """``n`` small modules with different contents, plus files that must be skipped."""
+  for i in range(n):
+    (directory / f"mod{i:02d}.py").write_bytes(f"x = {i}\n".encode() * (i + 1))
+  (directory / "notes.txt").write_text("not python")
+  (directory / "package").mkdir()
+  (directory / "package" / "inner.py").write_text("not top level")
+
+
+def test_split_holds_out_every_tenth_file_and_hashes_the_bytes(tmp_path):
+  _write_library(tmp_path)
+  files = lm_data.stdlib_files(tmp_path)
+  assert [p.rsplit("/", 1)[-1] for p in files] == [f"mod{i:02d}.py" for i in range(25)]
+  corpus = lm_data.load_stdlib(directory=tmp_path)
+  val_ids, train_ids = [9, 19], [i for i in range(25) if i not in (9, 19)]
+  read = lambda ids: b"".join((tmp_path / f"mod{i:02d}.py").read_bytes() for i in ids)
+  assert corpus.val.tobytes() == read(val_ids) and corpus.train.tobytes() == read(train_ids)
+  facts = corpus.facts
+  assert (facts["files"], facts["train_files"], facts["val_files"]) == (25, 23, 2)
+  assert facts["val_sha256"] == hashlib.sha256(read(val_ids)).hexdigest()
+  assert facts["train_bytes"] == len(read(train_ids))
+  assert facts["python"] == ".".join(map(str, sys.version_info[:3]))
+  # A change of one byte changes the hash.
+  (tmp_path / "mod19.py").write_bytes(b"y" + (tmp_path / "mod19.py").read_bytes()[1:])
+  assert lm_data.load_stdlib(directory=tmp_path).facts["val_sha256"] != facts["val_sha256"]
+
+
+def test_the_standard_library_split_is_deterministic():
+  a, b = lm_data.load_stdlib(), lm_data.load_stdlib()
+  assert a.facts == b.facts
+  assert a.facts["files"] > 50 and a.facts["val_files"] == a.facts["files"] // 10
+  assert a.facts["train_bytes"] > 9 * a.facts["val_bytes"] / 2
+  np.testing.assert_array_equal(lm_data.fixed_windows(a.val, 65, 16),
+                                lm_data.fixed_windows(b.val, 65, 16))
+
+
+def test_windows_are_contiguous_and_in_range():
+  data = np.arange(100, dtype=np.uint8)
+  batch = lm_data.random_windows(data, 10, 32, np.random.default_rng(0))
+  assert batch.shape == (32, 10) and batch.dtype == np.int32
+  np.testing.assert_array_equal(np.diff(batch, axis=1), 1)
+  fixed = lm_data.fixed_windows(data, 10, 4)
+  np.testing.assert_array_equal(fixed[:, 0], [0, 30, 60, 90])
+
+
+def test_a_split_shorter_than_one_window_is_an_error(tmp_path):
+  _write_library(tmp_path)
+  with pytest.raises(ValueError, match="validation split .* fewer than the 1000 one window"):
+    lm_data.load_stdlib(directory=tmp_path, min_bytes=1000)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"no \*\.py file in .*empty"):
+    lm_data.stdlib_files(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------
+# Flags
+
+
+def _exit_message(argv, capsys) -> str:
+  with pytest.raises(SystemExit) as e:
+    demo.main(argv)
+  assert e.value.code == 2
+  return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "nlp"], "--task"),
+    (["--task", "lm", "--steps", "0"], r"--steps must be an integer >= 1, got --steps = 0"),
+    (["--task", "lm", "--width", "x"], r"--width must be an integer >= 1, got --width = 'x'"),
+    (["--task", "lm", "--heads", "3"], r"--heads must divide --width, got --width = 64"),
+    (["--task", "lm", "--lr", "-1"], r"--lr must be in \(0, 1\]"),
+    (["--task", "lm", "--ema-momentum", "1"], r"--ema-momentum must be in \[0, 1\)"),
+    (["--task", "lm", "--baseline-lrs", "1,x"], "--baseline-lrs must be a comma-separated"),
+    (["--task", "lm", "--baseline-lrs", "3,3"], "--baseline-lrs must not repeat"),
+    (["--task", "lm", "--epochs", "3"], "--epochs is not used with --task lm"),
+    (["--task", "lm", "--dataset", "cifar10"], "--dataset is not used with --task lm"),
+    (["--task", "lm", "--optimizer", "adam"], "--optimizer is not used with --task lm"),
+    (["--task", "lm", "--checkpoint-dir", "x"], "--checkpoint-dir is not used with --task lm"),
+    (["--steps", "100"], "--steps is used with --task lm only"),
+    (["--task", "digits", "--baseline-lrs", "1,3"], "--baseline-lrs is used with --task lm"),
+])
+def test_bad_lm_flags_exit_2_naming_the_flag(argv, match, capsys):
+  err = _exit_message(argv, capsys)
+  assert re.search(match, err), err
+
+
+def test_lm_defaults_quick_and_shared_flags():
+  cfg = demo.config_from_args(["--task", "lm"])
+  assert cfg == lm_config.LMConfig()
+  assert (cfg.bits, cfg.seeds, cfg.out, cfg.baseline_lrs) == ((2, 4), 3, "runs/lm",
+                                                              (1.0, 3.0, 10.0, 30.0))
+  quick = demo.config_from_args(["--task", "lm", "--quick"])
+  assert (quick.bits, quick.seeds, quick.steps) == ((2,), 1, lm_config.QUICK["steps"])
+  cfg = demo.config_from_args(["--task", "lm", "--quick", "--bits", "3", "--seeds", "2",
+                               "--steps", "7", "--lam", "0.01", "--baseline-lrs", "0.5,2,8",
+                               "--out", "somewhere"])
+  assert (cfg.bits, cfg.seeds, cfg.steps, cfg.lam, cfg.baseline_lrs, cfg.out) == (
+      (3,), 2, 7, 0.01, (0.5, 2.0, 8.0), "somewhere")
+  assert demo.config_from_args([]).out == "runs/demo"  # digits keeps its default
+
+
+# ---------------------------------------------------------------------------
+# End to end
+
+TINY = ["--task", "lm", "--quick", "--steps", "24", "--fp-steps", "16", "--eval-every", "8",
+        "--width", "16", "--heads", "2", "--context", "16", "--batch-size", "8", "--seeds", "2"]
+
+
+def test_tiny_lm_run_writes_results_and_figures(tmp_path, capsys):
+  out = tmp_path / "out"
+  assert demo.main(TINY + ["--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "Baseline learning-rate sweep" in printed and "AdamWT" in printed
+  results = json.loads((out / "results.json").read_text())
+  rows = results["summary"]
+  assert [(r["bits"], r["method"], r["seeds"]) for r in rows] == [(2, "sgd", 2), (2, "talr", 2)]
+  for row in rows:
+    for key in ("bits_per_byte_mean", "bits_per_byte_std", "tracking_error_mean",
+                "late_oscillation_frequency_mean"):
+      assert np.isfinite(row[key]), key
+    assert 0 < row["bits_per_byte_mean"] < 8.5
+  # The sweep ran on seed 0 only; the chosen rate is the best one, and the
+  # baseline runs of every seed use it.
+  sweep = results["sweep"]
+  assert [r["lr_scale"] for r in sweep] == [1.0, 3.0, 10.0, 30.0]
+  assert {r["seed"] for r in sweep} == {0}
+  best = min(sweep, key=lambda r: r["final_bits_per_byte"])
+  assert [r["chosen"] for r in sweep] == [r is best for r in sweep]
+  baselines = [r for r in results["runs"] if r["method"] == "sgd"]
+  assert [r["lr_scale"] for r in baselines] == [best["lr_scale"]] * 2
+  assert rows[0]["learning_rate"] == pytest.approx(3e-4 * best["lr_scale"])
+  for run in results["runs"]:
+    trace = run["trace"]
+    assert all(len(trace[key]) == 24 for key in ("k", "K", "R", "U", "lr", "loss", "osc"))
+    assert run["evals"]["step"] == [8, 16, 24]
+    # One rate per layer and quantized kernel: 6 kernels x 2 layers.
+    assert len(run["groups"]) == 12 and "blocks/mlp/up/kernel[1]" in run["groups"]
+  talr_run = next(r for r in results["runs"] if r["method"] == "talr")
+  assert talr_run["trace"]["U"] != talr_run["trace"]["lr"]
+  assert all("U" in g for g in talr_run["groups"].values())
+  scale = baselines[0]["lr_scale"]
+  np.testing.assert_allclose(baselines[0]["trace"]["lr"],
+                             scale * np.asarray(talr_run["trace"]["lr"]), rtol=1e-6)
+  assert results["data"]["val_files"] == results["data"]["files"] // 10
+  assert results["model"]["W2"]["quantized_parameters"] == 2 * 12 * 16 * 16
+  assert len(results["pretraining"]["evals"]["step"]) == 2
+  for name in ("rate_tracking", "learning_rates", "bits_per_byte", "weight_changes",
+               "oscillations", "lr_sweep"):
+    png = out / f"{name}.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000, name
