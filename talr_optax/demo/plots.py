@@ -8,7 +8,7 @@ width; accuracy curves show the mean over seeds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,6 +49,21 @@ def _per_evaluation(run: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarr
     return np.asarray(run["evals"]["step"]), np.asarray(run["evals"][key]), "training step"
   values = np.asarray(run[f"{key}_per_epoch"])
   return np.arange(1, len(values) + 1), values, "epoch"
+
+
+def _over_seeds(ax, results: dict[str, Any], bits: int,
+                series: Callable[[dict[str, Any]], tuple[np.ndarray, np.ndarray]],
+                **style: Any) -> None:
+  """Per method, the mean over seeds of ``series(run) -> (x, y)``; band: min to max."""
+  for method in ("sgd", "talr"):
+    runs = _runs(results, bits, method)
+    if not runs:
+      continue
+    x = series(runs[0])[0]
+    y = np.array([series(r)[1] for r in runs])
+    ax.plot(x, y.mean(0), color=_COLORS[method],
+            label=f"{_label(results, method)} ({len(runs)} seeds)", **style)
+    ax.fill_between(x, y.min(0), y.max(0), color=_COLORS[method], alpha=0.2)
 
 
 def _smooth(x: np.ndarray, n: int) -> np.ndarray:
@@ -120,16 +135,12 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
   """(3) Test accuracy per epoch, mean over seeds (band: min to max)."""
   plt = _pyplot()
   fig, panels = _grid(plt, results, "Test accuracy during QAT")
+  def percent(run):
+    epoch, accuracy, _ = _per_evaluation(run, "test_accuracy")
+    return epoch, 100 * accuracy
+
   for bits, ax in panels:
-    for method in ("sgd", "talr"):
-      runs = _runs(results, bits, method)
-      if not runs:
-        continue
-      acc = 100 * np.array([r["test_accuracy_per_epoch"] for r in runs])
-      epoch = np.arange(1, acc.shape[1] + 1)
-      ax.plot(epoch, acc.mean(0), color=_COLORS[method],
-              label=f"{_label(results, method)} ({len(runs)} seeds)")
-      ax.fill_between(epoch, acc.min(0), acc.max(0), color=_COLORS[method], alpha=0.2)
+    _over_seeds(ax, results, bits, percent)
     _finish(ax, _name(results, bits), "epoch", "test accuracy (%)")
   return _save(fig, out, "accuracy.png")
 
@@ -175,16 +186,12 @@ def plot_oscillations(results: dict[str, Any], out: Path) -> Path:
   """(5) Mean oscillation frequency of the quantized weights, baseline vs TALR."""
   plt = _pyplot()
   fig, panels = _grid(plt, results, "Weight oscillations (flips back to the previous level)")
+
+  def frequency(run):
+    return np.arange(1, len(run["trace"]["osc"]) + 1), np.asarray(run["trace"]["osc"])
+
   for bits, ax in panels:
-    for method in ("sgd", "talr"):
-      runs = _runs(results, bits, method)
-      if not runs:
-        continue
-      osc = np.array([r["trace"]["osc"] for r in runs])
-      step = np.arange(1, osc.shape[1] + 1)
-      ax.plot(step, osc.mean(0), color=_COLORS[method],
-              label=f"{_label(results, method)} ({len(runs)} seeds)")
-      ax.fill_between(step, osc.min(0), osc.max(0), color=_COLORS[method], alpha=0.2)
+    _over_seeds(ax, results, bits, frequency)
     _finish(ax, _name(results, bits), "training step",
             "mean oscillation frequency (EMA, m = 0.99)")
   return _save(fig, out, "oscillations.png")
@@ -195,20 +202,15 @@ def plot_bits_per_byte(results: dict[str, Any], out: Path) -> Path:
   plt = _pyplot()
   fig, panels = _grid(plt, results, "Validation bits per byte during QAT")
   for bits, ax in panels:
-    for method in ("sgd", "talr"):
-      runs = _runs(results, bits, method)
-      if not runs:
-        continue
-      step, _, _ = _per_evaluation(runs[0], "bits_per_byte")
-      bpb = np.array([_per_evaluation(r, "bits_per_byte")[1] for r in runs])
-      ax.plot(step, bpb.mean(0), color=_COLORS[method], marker=".",
-              label=f"{_label(results, method)} ({len(runs)} seeds)")
-      ax.fill_between(step, bpb.min(0), bpb.max(0), color=_COLORS[method], alpha=0.2)
+    _over_seeds(ax, results, bits, lambda run: _per_evaluation(run, "bits_per_byte")[:2],
+                marker=".")
     fp = results["pretraining"]["final_bits_per_byte"]
     ax.axhline(fp, color="black", ls=":", lw=1.0, label=f"full precision ({fp:.3f})")
-    # The first evaluations (just after quantizing) would squash the end.
-    ends = [r["final_bits_per_byte"] for r in results["runs"] if r["bits"] == bits]
-    ax.set_ylim(fp - 0.02, max(ends) + 4 * (max(ends) - fp + 0.01))
+    # Zoom on the end and the full-precision level: the first evaluations
+    # (just after quantizing) are far above and would squash them.
+    levels = [fp] + [r["final_bits_per_byte"] for r in results["runs"] if r["bits"] == bits]
+    pad = max(max(levels) - min(levels), 0.01)
+    ax.set_ylim(min(levels) - pad / 2, max(levels) + 3 * pad)
     _finish(ax, _name(results, bits), "training step", "validation bits per byte")
   return _save(fig, out, "bits_per_byte.png")
 
