@@ -1,4 +1,4 @@
-"""TransformerLM: shapes, causality, scanned vs unrolled layers, labels, QAT with per-layer rates."""
+"""TransformerLM: shapes, causality, scanned vs unrolled layers, labels, per-layer QAT rates."""
 
 import jax
 import jax.numpy as jnp

@@ -181,7 +181,12 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def check_not_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  """Refuses ``--task lm`` flags on another task (status 2, naming the flag)."""
+  """Refuses ``--task lm`` flags on another task (status 2, naming the flag).
+
+  Args:
+    parser: the demo's parser (for its errors).
+    args: the parsed flags.
+  """
   for flag in LM_FLAGS:
     if getattr(args, _dest(flag)) is not None:
       parser.error(f"{flag} is used with --task lm only; add --task lm or drop it")

@@ -131,15 +131,32 @@ def load_stdlib(*, val_every: int = 10, min_bytes: int = 1,
 
 def random_windows(data: np.ndarray, length: int, batch_size: int,
                    rng: np.random.Generator) -> np.ndarray:
-  """``batch_size`` random contiguous windows of ``length`` bytes, ``(B, length)`` int32."""
+  """Random contiguous windows: a training batch.
+
+  Args:
+    data: uint8 bytes, at least ``length`` of them.
+    length: window length (the model's context plus one).
+    batch_size: number of windows.
+    rng: draws the start of each window, uniformly over ``data``.
+
+  Returns:
+    ``(batch_size, length)`` int32 byte ids.
+  """
   starts = rng.integers(0, len(data) - length + 1, size=batch_size)
   return data[starts[:, None] + np.arange(length)].astype(np.int32)
 
 
 def fixed_windows(data: np.ndarray, length: int, count: int) -> np.ndarray:
-  """``count`` windows of ``length`` bytes at evenly spaced starts, ``(count, length)`` int32.
+  """Windows at evenly spaced starts: the same ``data`` always gives the same ones.
 
-  The same ``data`` always gives the same windows (the validation set).
+  Args:
+    data: uint8 bytes, at least ``length`` of them.
+    length: window length.
+    count: number of windows (they overlap if ``data`` is short).
+
+  Returns:
+    ``(count, length)`` int32 byte ids, the first one at the start of
+    ``data`` and the last one at its end.
   """
   starts = np.linspace(0, len(data) - length, num=count).astype(np.int64)
   return data[starts[:, None] + np.arange(length)].astype(np.int32)

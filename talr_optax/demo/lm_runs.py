@@ -62,13 +62,29 @@ class _Bar:
 
 
 def total_steps(cfg: LMConfig) -> int:
-  """Training steps of the whole procedure: pretraining, sweep, the other seeds."""
+  """Training steps of the whole procedure (the progress bar's length).
+
+  Args:
+    cfg: the task's settings.
+
+  Returns:
+    Pretraining steps plus, per bit width, the sweep's runs on seed 0, the
+    TALR runs of every seed and the baseline runs of the other seeds.
+  """
   runs_per_width = len(cfg.baseline_lrs) + cfg.seeds + (cfg.seeds - 1)
   return cfg.fp_steps + len(cfg.bits) * runs_per_width * cfg.steps
 
 
 def model_facts(cfg: LMConfig, bits: int) -> dict[str, Any]:
-  """Sizes of the QAT model: parameters in total, quantized, per rate group."""
+  """What the QAT model is: sizes, parameter counts, what is quantized.
+
+  Args:
+    cfg: the task's settings.
+    bits: weight bits.
+
+  Returns:
+    A JSON-ready dict (built from shapes only; no parameter is drawn).
+  """
   model = nnx.eval_shape(lambda: lm_train.make_model(cfg, bits, 0))
   labels = jax.tree.leaves(tnnx.param_labels(model))
   sizes = [x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
@@ -89,7 +105,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per (bits, method): bits per byte (mean, std over seeds), tracking error, oscillations."""
+  """The summary rows of ``results.json``.
+
+  Args:
+    runs: records of :func:`lm_train.run_qat`.
+
+  Returns:
+    One row per (bits, method): seeds, learning rate, bits per byte (mean
+    and std over seeds), mean tracking error, mean late oscillation
+    frequency, mean md2tp.
+  """
   rows = []
   for bits in sorted({r["bits"] for r in runs}):
     for method in METHODS:
@@ -110,7 +135,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired_differences(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per bit width: TALR minus baseline bits per byte, seed by seed (same start, same data)."""
+  """TALR minus baseline bits per byte, seed by seed (same start, same data).
+
+  Args:
+    runs: records of :func:`lm_train.run_qat`.
+
+  Returns:
+    One row per bit width: the differences, their mean and std, and on how
+    many seeds TALR is lower.
+  """
   rows = []
   for bits in sorted({r["bits"] for r in runs}):
     by = {(r["method"], r["seed"]): r["final_bits_per_byte"] for r in runs if r["bits"] == bits}
@@ -156,6 +189,12 @@ def _load_average() -> list[float] | None:
 def run(cfg: LMConfig) -> dict[str, Any]:
   """Runs the language-model task; writes ``results.json`` and the figures to ``cfg.out``.
 
+  Args:
+    cfg: the task's settings.
+
+  Returns:
+    The results, as written to ``results.json``.
+
   Raises:
     FileNotFoundError, ValueError: no standard library source, or a split
       shorter than one window.
@@ -197,7 +236,12 @@ def run(cfg: LMConfig) -> dict[str, Any]:
 
 
 def print_tables(cfg: LMConfig, results: dict[str, Any]) -> None:
-  """Prints the sweep and the summary (mean ± std over seeds) as tables."""
+  """Prints the sweep, the summary (mean ± std over seeds) and the paired differences.
+
+  Args:
+    cfg: the task's settings (for the method names).
+    results: as returned by :func:`run`.
+  """
   from rich.console import Console  # pylint: disable=import-outside-toplevel
   from rich.table import Table  # pylint: disable=import-outside-toplevel
 

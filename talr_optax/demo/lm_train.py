@@ -117,13 +117,30 @@ def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0) -> optax.Gradien
 
 
 def make_model(cfg: LMConfig, bits: int | None, seed: int) -> nnx.Module:
-  """The configured :class:`~talr_optax.nnx.TransformerLM` (``bits=None``: full precision)."""
+  """The configured :class:`~talr_optax.nnx.TransformerLM`.
+
+  Args:
+    cfg: the task's settings (context, width, layers, heads).
+    bits: weight bits of the projections; ``None`` for full precision.
+    seed: seed of the initial parameters.
+
+  Returns:
+    A new model, in training mode.
+  """
   return tnnx.TransformerLM(context=cfg.context, width=cfg.width, num_layers=cfg.layers,
                             num_heads=cfg.heads, weight_bits=bits, rngs=nnx.Rngs(seed))
 
 
 def next_byte_loss(model: nnx.Module, windows: jax.Array) -> jax.Array:
-  """Per-position cross-entropy (nats) of predicting ``windows[:, 1:]``."""
+  """Per-position cross-entropy of predicting each next byte.
+
+  Args:
+    model: a language model, ``(B, T) ids -> (B, T, 256) logits``.
+    windows: ``(B, T + 1)`` byte ids.
+
+  Returns:
+    ``(B, T)`` cross-entropies in nats of ``windows[:, 1:]`` given the bytes before.
+  """
   logits = model(windows[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
 
@@ -131,7 +148,19 @@ def next_byte_loss(model: nnx.Module, windows: jax.Array) -> jax.Array:
 @functools.partial(nnx.jit, static_argnums=0)
 def train_step(arm: Arm, model: nnx.Module, opt_state: Any, lr_scale: jax.Array,
                windows: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
-  """One update of ``model`` (in place); returns the loss, the new state and mean rates."""
+  """One update of ``model`` (in place), compiled once per ``arm``.
+
+  Args:
+    arm: the run's settings (static).
+    model: the model; its parameters are updated in place.
+    opt_state: the state of ``optimizer(arm, model)``.
+    lr_scale: the baseline's learning-rate multiple (a float32 scalar).
+    windows: ``(B, T + 1)`` byte ids.
+
+  Returns:
+    ``(loss, opt_state, rates)``: the mean loss before the update, the new
+    optimizer state and :func:`talr_optax.demo.train.step_metrics` of it.
+  """
   loss, grads = nnx.value_and_grad(lambda m: next_byte_loss(m, windows).mean())(model)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   updates, opt_state = optimizer(arm, model, lr_scale).update(
@@ -146,7 +175,16 @@ def _nll_sum(model: nnx.Module, windows: jax.Array) -> jax.Array:
 
 
 def bits_per_byte(model: nnx.Module, windows: np.ndarray) -> float:
-  """Mean next-byte cross-entropy of ``model`` on ``windows``, in bits."""
+  """Mean next-byte cross-entropy of ``model`` on ``windows``, in bits.
+
+  Args:
+    model: evaluated in evaluation mode (no calibration writes), then put
+      back in training mode.
+    windows: ``(N, T + 1)`` byte ids, e.g. :func:`lm_data.fixed_windows`.
+
+  Returns:
+    Bits per predicted byte, averaged over all ``N * T`` predictions.
+  """
   model.eval()
   total = sum(float(_nll_sum(model, jnp.asarray(windows[i:i + _EVAL_BATCH])))
               for i in range(0, len(windows), _EVAL_BATCH))
@@ -188,8 +226,7 @@ def _train(cfg: LMConfig, run: _Run, corpus: lm_data.ByteCorpus, val: np.ndarray
       if target is None:
         continue
       # Entry n is the state after update n, as in the digits task.
-      lr_n = float(run.lr_scale * lr(done_step)) if run.arm.method == "sgd" else float(
-          lr(done_step))
+      lr_n = float(lr(done_step)) * (run.lr_scale if run.arm.method == "sgd" else 1.0)
       traces["lr"].append(lr_n)
       traces["k"].append(float(m["k"]))
       traces["K"].append(float(m["K"]))
@@ -211,7 +248,18 @@ def _train(cfg: LMConfig, run: _Run, corpus: lm_data.ByteCorpus, val: np.ndarray
 
 def pretrain(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, seed: int,
              progress: Progress | None = None) -> tuple[nnx.Module, dict[str, Any]]:
-  """The full-precision model QAT of ``seed`` starts from, and its validation curve."""
+  """Pretrains the full-precision model that QAT starts from.
+
+  Args:
+    cfg: the task's settings (``fp_steps``, ``fp_lr``, model sizes).
+    corpus: the training bytes.
+    val: validation windows.
+    seed: seed of the initial parameters and of the data order.
+    progress: called after every evaluation.
+
+  Returns:
+    ``(model, info)``: the trained model and its validation curve.
+  """
   model = make_model(cfg, None, seed)
   arm = Arm(FP, None, cfg.fp_steps, cfg.fp_lr)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -237,10 +285,29 @@ def _final_groups(opt_state: Any) -> dict[str, dict[str, float]]:
 def run_qat(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model: nnx.Module,
             bits: int, seed: int, method: str, lr_scale: float = 1.0,
             progress: Progress | None = None) -> dict[str, Any]:
-  """One QAT run from ``fp_model``; returns its record for ``results.json``.
+  """One QAT run from ``fp_model``.
 
   Both methods of a seed draw the same training windows (the same ``rng``
   seed), so their difference is the optimizer's alone.
+
+  Args:
+    cfg: the task's settings.
+    corpus: the training bytes.
+    val: validation windows.
+    fp_model: the pretrained full-precision model (not modified).
+    bits: weight bits.
+    seed: seed of the data order (and of the unused initial parameters).
+    method: ``"sgd"`` (the AdamW baseline) or ``"talr"`` (AdamWT).
+    lr_scale: the baseline's multiple of ``cfg.lr``.
+    progress: called after every evaluation.
+
+  Returns:
+    The run's record for ``results.json``: final and per-evaluation bits
+    per byte, tracking error, late oscillation frequency, final per-group
+    rates, md2tp histogram and per-step traces.
+
+  Raises:
+    ValueError: an unknown ``method``.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
