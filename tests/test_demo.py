@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -53,6 +54,9 @@ def _exit_message(argv, capsys) -> str:
         (["--model", "resnet20"],
          r"--model resnet20 does not fit --dataset digits; use --model cnn"),
         (["--lam", "0"], r"--lam must be in \(0, 0.5\]"),
+        (["--sample-size", "0"], r"--sample-size must be an integer >= 1, got --sample-size = 0"),
+        (["--sample-size", "2.5"], r"--sample-size must be an integer >= 1, got --sample-size = '2.5'"),
+        (["--sample-size", "-64"], r"--sample-size must be an integer >= 1"),
         (["--out", ""], "--out must name a directory, got an empty path"),
         (["--out", "  "], "--out must name a directory"),
         (["--checkpoint-dir", ""], "--checkpoint-dir must name a directory"),
@@ -90,6 +94,50 @@ def test_defaults_follow_the_dataset_and_quick():
   assert (cfg.seeds, cfg.bits, cfg.model, cfg.epochs, cfg.fp_epochs) == (1, (2, 1), "cnn", 6, 4)
   cfg = demo.config_from_args(["--dataset", "cifar10", "--data-dir", "x"])
   assert (cfg.model, cfg.batch_size, cfg.epochs, cfg.fp_epochs) == ("resnet20", 256, 400, 200)
+
+
+def _opt_states(optimizer):
+  """The TALR and monitor states inside an ``nnx.Optimizer``'s state."""
+  import talr_optax as talr  # pylint: disable=import-outside-toplevel
+  kinds = (talr.ScaleByTALRState, talr.TrackTransitionsState)
+  leaves = jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, kinds))
+  return [x for x in leaves if isinstance(x, kinds)]
+
+
+@pytest.mark.parametrize("method", ["talr", "sgd"])
+def test_sample_size_reaches_the_optimizer_state(method):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from talr_optax.counting import sample_strides  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo import optim  # pylint: disable=import-outside-toplevel
+  assert demo.config_from_args([]).sample_size is None
+  shapes = {}
+  for argv in ([], ["--sample-size", "64"]):
+    cfg = demo.config_from_args(argv)
+    model = make_model(cfg, 2, 0, 10)
+    optimizer = nnx.Optimizer(model, optim.qat(cfg, model, method, 2, 100), wrt=nnx.Param)
+    (state,) = _opt_states(optimizer)
+    assert state.rate_names.names == ("conv2/kernel", "conv3/kernel")
+    shapes[cfg.sample_size] = {
+        name: tuple(state.prev_levels[name]["kernel"].shape) for name in ("conv2", "conv3")}
+  assert shapes[None] == {"conv2": (3, 3, 16, 32), "conv3": (3, 3, 32, 32)}
+  for name, full in shapes[None].items():
+    grid = tuple(-(-d // s) for d, s in zip(full, sample_strides(full, 64)))
+    assert shapes[64][name] == grid and np.prod(grid) <= 64
+
+
+def test_mobilenet_quantizes_its_depthwise_and_pointwise_convs():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo import optim  # pylint: disable=import-outside-toplevel
+  cfg = demo.config_from_args(["--model", "mobilenet", "--bits", "2"])
+  model = make_model(cfg, 2, 0, 10)
+  optimizer = nnx.Optimizer(model, optim.qat(cfg, model, "talr", 2, 100), wrt=nnx.Param)
+  (state,) = _opt_states(optimizer)
+  names = set(state.rate_names.names)
+  # Four inverted residual blocks (the first without an expand conv) and the last 1x1 conv.
+  assert len(names) == 12
+  assert {"blocks/0/depthwise/kernel", "blocks/0/project/kernel", "blocks/3/expand/kernel",
+          "conv_last/kernel"} <= names
+  assert not any(n.startswith(("conv1/", "linear/")) for n in names)  # stay full precision
 
 
 def test_batch_size_above_the_training_set_stops_before_training(tmp_path, capsys):
@@ -149,7 +197,7 @@ def test_one_demo_at_a_time_per_checkpoint_dir(tmp_path):
 # End to end
 
 
-def _assert_results(out: Path, results: dict, epochs: int) -> None:
+def _assert_results(out: Path, results: dict, epochs: int, min_accuracy: float = 0.5) -> None:
   on_disk = json.loads((out / "results.json").read_text())
   assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
   assert sorted(r["method"] for r in results["runs"]) == ["sgd", "talr"]
@@ -158,7 +206,7 @@ def _assert_results(out: Path, results: dict, epochs: int) -> None:
     assert n == 44 * epochs  # 1437 training images // 32
     assert all(len(run["trace"][key]) == n for key in ("K", "R", "U", "lr", "loss"))
     assert len(run["test_accuracy_per_epoch"]) == epochs
-    assert 0.5 <= run["final_test_accuracy"] <= 1.0
+    assert min_accuracy <= run["final_test_accuracy"] <= 1.0
     assert all(0.0 <= k <= 1.0 for k in run["trace"]["k"])
     # Both K curves start from R_0 = 5e-3 * sqrt(2) and move towards k.
     assert abs(run["trace"]["K"][0] - R0) < 1e-3
@@ -201,6 +249,13 @@ def test_tiny_run_and_its_resume_from_checkpoint_dir_are_bit_identical(tmp_path,
   monkeypatch.setattr(demo_train, "run_qat", no_training)
   monkeypatch.setattr(demo_train, "pretrain_full_precision", no_training)
   assert demo.run(cfg)["runs"] == resumed["runs"]
+
+
+def test_mobilenet_tiny_run(tmp_path):
+  out = tmp_path / "m"
+  results = demo.run(demo.config_from_args(TINY + ["--model", "mobilenet", "--out", str(out)]))
+  assert results["config"]["model"] == "mobilenet"
+  _assert_results(out, results, epochs=2, min_accuracy=0.2)
 
 
 def _write_tiny_cifar(directory: Path, n_train: int = 24, n_test: int = 16) -> None:
