@@ -48,7 +48,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

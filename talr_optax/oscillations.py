@@ -151,15 +151,12 @@ def track_oscillations(
         new_last.append(None)
         new_freq.append(None)
         continue
-      old = take_sample(before[q.position], q.strides).astype(jnp.int32)
-      new = take_sample(after[q.position], q.strides).astype(jnp.int32)
-      direction = jnp.sign(new - old).astype(_DIRECTION_DTYPE)
-      prev = last[q.position]
-      oscillated = (direction * prev) == -1
-      f = momentum * freq[q.position].astype(RATE_DTYPE) + (1.0 - momentum) * oscillated
-      new_last.append(jnp.where(direction != 0, direction, prev))
+      d, f, flipped = _track(take_sample(before[q.position], q.strides),
+                             take_sample(after[q.position], q.strides),
+                             last[q.position], freq[q.position], momentum)
+      new_last.append(d)
       new_freq.append(f.astype(_FREQUENCY_DTYPE))
-      flips.append(oscillated)
+      flips.append(flipped)
       freqs.append(f)
     return updates, TrackOscillationsState(
         last_direction=layout.treedef.unflatten(new_last),
@@ -171,6 +168,15 @@ def track_oscillations(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _track(old: jax.Array, new: jax.Array, last: jax.Array, freq: jax.Array,
+           momentum: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One tensor: (direction of the last change, frequency, oscillated now)."""
+  direction = jnp.sign(new.astype(jnp.int32) - old.astype(jnp.int32)).astype(_DIRECTION_DTYPE)
+  oscillated = (direction * last) == -1  # the opposite of its previous change
+  f = momentum * freq.astype(RATE_DTYPE) + (1.0 - momentum) * oscillated
+  return jnp.where(direction != 0, direction, last), f, oscillated
 
 
 def state_bytes_per_weight() -> int:

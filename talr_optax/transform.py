@@ -120,14 +120,12 @@ def _check_common(levels_fn: Any, momentum: Any, sample_size: Any) -> None:
     _checks.check_int("sample_size", sample_size, 1)
 
 
-def _require_params(params: Any, name: str) -> None:
+def _check_update_call(name: str, params: Any, extra_args: dict[str, Any]) -> None:
+  """``update`` needs the params, and ``levels=`` is gone."""
   if params is None:
     raise ValueError(
         f"{name} counts the transitions its update causes, so it needs the params:"
         " call tx.update(updates, state, params).")
-
-
-def _reject_levels_argument(extra_args: dict[str, Any], name: str) -> None:
   if extra_args.get("levels") is not None:
     raise ValueError(
         f"{name} no longer takes levels=: it counts the transitions the update"
@@ -135,12 +133,9 @@ def _reject_levels_argument(extra_args: dict[str, Any], name: str) -> None:
         " argument.")
 
 
-class _Measure(NamedTuple):
-  layout: _layout.Layout
-  levels: list[Any]  # int8 levels (or None) per leaf of the levels pytree
-
-
-def _measure_init(levels_fn, params, layer_axes, sample_size, global_rate, name) -> _Measure:
+def _measure_init(levels_fn, params, *, name, layer_axes, sample_size, global_rate
+                  ) -> tuple[_layout.Layout, list[Any]]:
+  """The layout of the rate groups and the int8 levels of the params at ``init``."""
   if any(type(x).__name__ == "_ParamsPlaceholder"
          for x in jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))):
     raise ValueError(
@@ -155,10 +150,11 @@ def _measure_init(levels_fn, params, layer_axes, sample_size, global_rate, name)
         " measure. Return integer levels for the quantized weights.")
   layout = _layout.build(levels, treedef, params, layer_axes=layer_axes,
                          sample_size=sample_size, global_rate=global_rate)
-  return _Measure(layout, levels)
+  _layout.check_shapes(layout, params)
+  return layout, levels
 
 
-def _count_caused(levels_fn, params, updates, prev_levels, layer_axes, sample_size,
+def _count_caused(levels_fn, params, updates, prev_levels, *, layer_axes, sample_size,
                   global_rate) -> tuple[jax.Array, Any]:
   """``k`` of the transitions ``updates`` cause, and the levels to store."""
   new_params = _rounded(optax.apply_updates(params, updates))
@@ -284,7 +280,67 @@ def scale_by_talr(
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
     Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
   """
-  _check_target(target_transition_rate, "target_transition_rate")
+  _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, momentum,
+                        rate, granularity, fallback_learning_rate, layer_axes, sample_size)
+  target_fn = _as_schedule(target_transition_rate)
+  fallback_fn = None if fallback_learning_rate is None else _as_schedule(
+      fallback_learning_rate)
+  adapt = _adaptation(rule, momentum, learning_rate,
+                      eta=learning_rate if rate is None else rate)
+  measure = dict(layer_axes=layer_axes, sample_size=sample_size,
+                 global_rate=granularity == "global")
+
+  def init_fn(params):
+    layout, levels = _measure_init(levels_fn, params, name="scale_by_talr", **measure)
+    if fallback_fn is None:
+      _require_no_unquantized_leaf(layout, levels, params)
+    r0 = _sanitize_target(target_fn(jnp.asarray(0, jnp.int32)))
+    # A separate buffer per field, so the state can be donated after init.
+    fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
+    return ScaleByTALRState(
+        talr_count=jnp.zeros((), jnp.int32),
+        prev_levels=_layout.counted_levels(layout, levels),
+        transition_rate=fill(0.0),
+        ema_transition_rate=fill(r0),
+        target_transition_rate=fill(r0),
+        talr=fill(jnp.asarray(learning_rate, RATE_DTYPE)),
+        talr_scale=fill(1.0),
+        rate_names=_names(layout),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _check_update_call("scale_by_talr", params, extra_args)
+    if not isinstance(state, ScaleByTALRState):
+      raise ValueError(
+          f"state must be the ScaleByTALRState of this transformation, got"
+          f" {type(state).__name__}: was the state made by another optimizer?")
+    n = state.talr_count
+    fallback = None if fallback_fn is None else jnp.asarray(fallback_fn(n), RATE_DTYPE)
+    # 1. The update, from U_n alone: it never waits for this step's count.
+    layout = _layout.of_shapes(levels_fn, params, **measure)
+    updates = _scale_updates(layout, updates, state.talr, fallback)
+    # 2. The transitions it causes set U_(n+1), for the target R(n+1).
+    k, prev_levels = _count_caused(levels_fn, params, updates, state.prev_levels, **measure)
+    R = _sanitize_target(target_fn(optax.safe_increment(n)))
+    K, U, c = adapt(k, state.ema_transition_rate, state.talr, state.talr_scale, R)
+    return updates, ScaleByTALRState(
+        talr_count=optax.safe_increment(n),
+        prev_levels=prev_levels,
+        transition_rate=k,
+        ema_transition_rate=K,
+        target_transition_rate=jnp.broadcast_to(R, K.shape),
+        talr=U,
+        talr_scale=c,
+        rate_names=state.rate_names,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_talr_arguments(target, levels_fn, learning_rate, rule, momentum, rate,
+                          granularity, fallback_learning_rate, layer_axes, sample_size) -> None:
+  """The checks of :func:`scale_by_talr`'s arguments, each naming the argument."""
+  _check_target(target, "target_transition_rate")
   _check_common(levels_fn, momentum, sample_size)
   _checks.check_number("learning_rate", learning_rate, 0.0, np.inf,
                        low_open=True, high_open=True)
@@ -302,40 +358,10 @@ def scale_by_talr(
         " pools into one: pass one or the other.")
   if fallback_learning_rate is not None:
     _checks.check_scalar_or_schedule("fallback_learning_rate", fallback_learning_rate)
-  target_fn = _as_schedule(target_transition_rate)
-  fallback_fn = None if fallback_learning_rate is None else _as_schedule(
-      fallback_learning_rate)
-  eta = learning_rate if rate is None else rate
-  global_rate = granularity == "global"
 
-  def init_fn(params):
-    measure = _measure_init(levels_fn, params, layer_axes, sample_size, global_rate,
-                            "scale_by_talr")
-    layout = measure.layout
-    _layout.check_shapes(layout, params)
-    unquantized = [
-        i for i, (level, p) in enumerate(zip(measure.levels, _layout.match(
-            layout.treedef, params, "params")))
-        if level is None and not _layout.is_empty_or_masked(p)]
-    if unquantized and fallback_fn is None:
-      raise ValueError(
-          f"levels_fn returned None for {len(unquantized)} param leaves (e.g. leaf"
-          f" {unquantized[0]}), which scale_by_talr cannot scale by a transition"
-          " rate: pass fallback_learning_rate=..., or route them to another"
-          " optimizer with optax.partition.")
-    r0 = _sanitize_target(target_fn(jnp.asarray(0, jnp.int32)))
-    # A separate buffer per field, so the state can be donated after init.
-    fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
-    return ScaleByTALRState(
-        talr_count=jnp.zeros((), jnp.int32),
-        prev_levels=_layout.counted_levels(layout, measure.levels),
-        transition_rate=fill(0.0),
-        ema_transition_rate=fill(r0),
-        target_transition_rate=fill(r0),
-        talr=fill(jnp.asarray(learning_rate, RATE_DTYPE)),
-        talr_scale=fill(1.0),
-        rate_names=_names(layout),
-    )
+
+def _adaptation(rule: str, momentum: float, learning_rate: Any, eta: Any):
+  """``(k_n, K_n, U_n, c_n, R(n+1)) -> (K_(n+1), U_(n+1), c_(n+1))`` of the rule."""
 
   def adapt(k, K, U, c, R):
     K = momentum * K + (1.0 - momentum) * k
@@ -346,49 +372,41 @@ def scale_by_talr(
       U = jnp.minimum(learning_rate * c, _RATE_MAX)
     return K.astype(RATE_DTYPE), U.astype(RATE_DTYPE), c.astype(RATE_DTYPE)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _require_params(params, "scale_by_talr")
-    _reject_levels_argument(extra_args, "scale_by_talr")
-    if not isinstance(state, ScaleByTALRState):
-      raise ValueError(
-          f"state must be the ScaleByTALRState of this transformation, got"
-          f" {type(state).__name__}: was the state made by another optimizer?")
-    count = state.talr_count
-    # 1. The update, from U_n alone.
-    layout = _layout.of_shapes(levels_fn, params, layer_axes=layer_axes,
-                                sample_size=sample_size, global_rate=global_rate)
-    fallback = None if fallback_fn is None else jnp.asarray(fallback_fn(count), RATE_DTYPE)
-    scaled = []
-    for q, u in zip(layout.leaves, _layout.match(layout.treedef, updates, "updates")):
-      if _layout.is_empty_or_masked(u) or _layout.has_no_weights(u):
-        scaled.append(u)
-      elif q is not None:
-        scaled.append(jax.tree.map(
-            lambda g, q=q: _scale(g, _layout.leaf_rate(layout, state.talr, q, g.ndim)), u))
-      elif fallback is not None:
-        scaled.append(jax.tree.map(lambda g: _scale(g, fallback), u))
-      else:
-        raise ValueError(
-            "an update leaf is not quantized and no fallback_learning_rate was"
-            " given: pass fallback_learning_rate=... or use optax.partition.")
-    updates = layout.treedef.unflatten(scaled)
-    # 2. The transitions it causes set U_(n+1).
-    k, prev_levels = _count_caused(levels_fn, params, updates, state.prev_levels,
-                                   layer_axes, sample_size, global_rate)
-    R = _sanitize_target(target_fn(optax.safe_increment(count)))
-    K, U, c = adapt(k, state.ema_transition_rate, state.talr, state.talr_scale, R)
-    return updates, ScaleByTALRState(
-        talr_count=optax.safe_increment(count),
-        prev_levels=prev_levels,
-        transition_rate=k,
-        ema_transition_rate=K,
-        target_transition_rate=jnp.broadcast_to(R, K.shape),
-        talr=U,
-        talr_scale=c,
-        rate_names=state.rate_names,
-    )
+  return adapt
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _require_no_unquantized_leaf(layout: _layout.Layout, levels: list[Any], params: Any
+                                 ) -> None:
+  """Without a fallback learning rate, every param leaf must be quantized."""
+  unquantized = [
+      i for i, (level, p) in enumerate(zip(levels, _layout.match(
+          layout.treedef, params, "params")))
+      if level is None and not _layout.is_empty_or_masked(p)]
+  if unquantized:
+    raise ValueError(
+        f"levels_fn returned None for {len(unquantized)} param leaves (e.g. leaf"
+        f" {unquantized[0]}), which scale_by_talr cannot scale by a transition"
+        " rate: pass fallback_learning_rate=..., or route them to another"
+        " optimizer with optax.partition.")
+
+
+def _scale_updates(layout: _layout.Layout, updates: Any, talr: jax.Array,
+                   fallback: Optional[jax.Array]) -> Any:
+  """``-U * g`` on quantized leaves (per tensor or layer), ``-fallback * g`` elsewhere."""
+  scaled = []
+  for q, u in zip(layout.leaves, _layout.match(layout.treedef, updates, "updates")):
+    if _layout.is_empty_or_masked(u) or _layout.has_no_weights(u):
+      scaled.append(u)
+    elif q is not None:
+      scaled.append(jax.tree.map(
+          lambda g, q=q: _scale(g, _layout.leaf_rate(layout, talr, q, g.ndim)), u))
+    elif fallback is not None:
+      scaled.append(jax.tree.map(lambda g: _scale(g, fallback), u))
+    else:
+      raise ValueError(
+          "an update leaf is not quantized and no fallback_learning_rate was"
+          " given: pass fallback_learning_rate=... or use optax.partition.")
+  return layout.treedef.unflatten(scaled)
 
 
 def track_transitions(
@@ -423,24 +441,21 @@ def track_transitions(
   _check_target(initial_rate, "initial_rate")
   _check_common(levels_fn, momentum, sample_size)
   k0 = _as_schedule(initial_rate)(jnp.asarray(0, jnp.int32))
+  measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
 
   def init_fn(params):
-    measure = _measure_init(levels_fn, params, layer_axes, sample_size, False,
-                            "track_transitions")
-    _layout.check_shapes(measure.layout, params)
-    fill = lambda v: jnp.full((measure.layout.num_rates,), v, RATE_DTYPE)
+    layout, levels = _measure_init(levels_fn, params, name="track_transitions", **measure)
+    fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
     return TrackTransitionsState(
-        prev_levels=_layout.counted_levels(measure.layout, measure.levels),
+        prev_levels=_layout.counted_levels(layout, levels),
         transition_rate=fill(0.0),
         ema_transition_rate=fill(_sanitize_target(k0)),
-        rate_names=_names(measure.layout),
+        rate_names=_names(layout),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _require_params(params, "track_transitions")
-    _reject_levels_argument(extra_args, "track_transitions")
-    k, prev_levels = _count_caused(levels_fn, params, updates, state.prev_levels,
-                                   layer_axes, sample_size, False)
+    _check_update_call("track_transitions", params, extra_args)
+    k, prev_levels = _count_caused(levels_fn, params, updates, state.prev_levels, **measure)
     K = (momentum * state.ema_transition_rate + (1.0 - momentum) * k).astype(RATE_DTYPE)
     return updates, TrackTransitionsState(prev_levels, k, K, state.rate_names)
 

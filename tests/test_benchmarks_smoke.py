@@ -6,7 +6,9 @@ Asserted: TALR's extra optimizer state is 1 byte (the int8 level) per counted
 weight plus 5 float32 rates per rate group and one int32 step count (exact
 counting: every quantized weight; ``sample_size=65536``: at most 65,536 per
 rate group), also for a 7B-parameter Llama tree sized without allocating it;
-and jitted steps recompile 0 times after the first step while the rates change.
+and jitted steps recompile 0 times after the first step while the rates change;
+the sampling-fidelity study reports which tensors it sampled, and with exact
+counting TALR's K equals its exact monitor's.
 """
 
 import importlib.util
@@ -125,3 +127,26 @@ def test_train_step_runs(tmp_path):
   assert sgdt["opt_state_bytes"] - sgd["opt_state_bytes"] == (
       sgdt["n_quantized"] + RATE_BYTES * groups + COUNT_BYTES)
   assert sgdt["optimizer_graph_nodes"] > sgd["optimizer_graph_nodes"]
+
+
+def test_sampling_fidelity_quick(tmp_path):
+  pytest.importorskip("flax")
+  pytest.importorskip("sklearn")
+  import sampling_fidelity  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "fidelity.json"
+  result = sampling_fidelity.main(["--quick", "--out", str(out)])
+  assert _load(out)["summary"] == json.loads(json.dumps(result["summary"]))
+  (row,) = result["summary"]
+  # SmallCNN's two quantized tensors (4,608 and 9,216 weights) are both sampled at N = 256.
+  assert row["sample_size"] == 256
+  assert [t.split(" ")[0] for t in row["sampled_tensors"]] == ["conv2/kernel", "conv3/kernel"]
+  assert len(row["mean_abs_error_per_seed"]) == len(row["accuracy_sampled"]) == 1
+  assert len(row["accuracy_exact"]) == 1
+  assert row["expected_se_at_r0"] > 0 and row["expected_mean_abs_error"] > 0
+  exact, sampled = sorted(result["rows"], key=lambda r: r["sample_size"] is not None)
+  # Exact counting: the monitor and TALR count the same levels.
+  assert exact["mean_abs_error_all_groups"] < 1e-6 and exact["sampled_groups"] == []
+  # Sampled: TALR's K was counted on at most 256 weights per tensor, and differs.
+  assert all(0 < g["counted"] <= 256 < g["weights"] for g in sampled["groups"])
+  assert sampled["mean_abs_error"] > 0
+  assert 0 <= sampled["final_accuracy"] <= 1 and sampled["steps"] == 2 * 44

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -53,6 +54,9 @@ def _exit_message(argv, capsys) -> str:
         (["--model", "resnet20"],
          r"--model resnet20 does not fit --dataset digits; use --model cnn"),
         (["--lam", "0"], r"--lam must be in \(0, 0.5\]"),
+        (["--sample-size", "0"], r"--sample-size must be an integer >= 1, got --sample-size = 0"),
+        (["--sample-size", "2.5"], r"--sample-size must be an integer >= 1, got --sample-size = '2.5'"),
+        (["--sample-size", "-64"], r"--sample-size must be an integer >= 1"),
         (["--out", ""], "--out must name a directory, got an empty path"),
         (["--out", "  "], "--out must name a directory"),
         (["--checkpoint-dir", ""], "--checkpoint-dir must name a directory"),
@@ -90,6 +94,35 @@ def test_defaults_follow_the_dataset_and_quick():
   assert (cfg.seeds, cfg.bits, cfg.model, cfg.epochs, cfg.fp_epochs) == (1, (2, 1), "cnn", 6, 4)
   cfg = demo.config_from_args(["--dataset", "cifar10", "--data-dir", "x"])
   assert (cfg.model, cfg.batch_size, cfg.epochs, cfg.fp_epochs) == ("resnet20", 256, 400, 200)
+
+
+def _opt_states(opt_state):
+  """The TALR and monitor states inside an optimizer state."""
+  import talr_optax as talr  # pylint: disable=import-outside-toplevel
+  kinds = (talr.ScaleByTALRState, talr.TrackTransitionsState)
+  leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
+  return [x for x in leaves if isinstance(x, kinds)]
+
+
+@pytest.mark.parametrize("method", ["talr", "sgd"])
+def test_sample_size_reaches_the_optimizer_state(method):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from talr_optax.counting import sample_strides  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo import optim  # pylint: disable=import-outside-toplevel
+  assert demo.config_from_args([]).sample_size is None
+  shapes = {}
+  for argv in ([], ["--sample-size", "64"]):
+    cfg = demo.config_from_args(argv)
+    model = make_model(cfg, 2, 0, 10)
+    optimizer = nnx.Optimizer(model, optim.qat(cfg, model, method, 2, 100), wrt=nnx.Param)
+    (state,) = _opt_states(optimizer.opt_state)
+    assert state.rate_names.names == ("conv2/kernel", "conv3/kernel")
+    shapes[cfg.sample_size] = {
+        name: tuple(state.prev_levels[name]["kernel"].shape) for name in ("conv2", "conv3")}
+  assert shapes[None] == {"conv2": (3, 3, 16, 32), "conv3": (3, 3, 32, 32)}
+  for name, full in shapes[None].items():
+    grid = tuple(-(-d // s) for d, s in zip(full, sample_strides(full, 64)))
+    assert shapes[64][name] == grid and np.prod(grid) <= 64
 
 
 def test_batch_size_above_the_training_set_stops_before_training(tmp_path, capsys):
@@ -203,6 +236,44 @@ def test_tiny_run_and_its_resume_from_checkpoint_dir_are_bit_identical(tmp_path,
   monkeypatch.setattr(demo_train, "run_qat", no_training)
   monkeypatch.setattr(demo_train, "pretrain_full_precision", no_training)
   assert demo.run(cfg)["runs"] == resumed["runs"]
+
+
+def test_mobilenet_tiny_run_counts_on_the_sampled_grid(tmp_path, monkeypatch):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo import optim  # pylint: disable=import-outside-toplevel
+  built = []
+  qat = optim.qat
+
+  def recording_qat(cfg, model, method, bits, total_steps):
+    built.append((method, model, qat(cfg, model, method, bits, total_steps)))
+    return built[-1][2]
+
+  monkeypatch.setattr(optim, "qat", recording_qat)
+  cfg = demo.config_from_args(TINY + ["--model", "mobilenet", "--sample-size", "64",
+                                      "--out", str(tmp_path)])
+  assert (cfg.model, cfg.sample_size) == ("mobilenet", 64)
+  # One TALR run from a briefly pretrained model: the baseline's monitor and the
+  # whole demo (figures, store) are covered with the SmallCNN, at a third of the
+  # compile time of MobileNet.
+  task = TASKS[cfg.dataset]
+  dataset = task.load(cfg)
+  fp_model = demo_train.pretrain_full_precision(cfg, task, dataset, 0)
+  record = demo_train.run_qat(cfg, task, dataset, fp_model, 2, 0, "talr")
+  assert len(record["trace"]["k"]) == 2 * 44 and 0 < max(record["trace"]["k"]) <= 1
+  assert 0.2 <= record["final_test_accuracy"] <= 1.0  # 10 classes: 0.1 by chance
+  ((method, model, tx),) = built
+  # The state's layout from shapes alone (an eager init recompiles every op).
+  (state,) = _opt_states(jax.eval_shape(tx.init, nnx.state(model, nnx.Param)))
+  names = state.rate_names.names
+  # Depthwise, expand and project convs of the four blocks (the first has no
+  # expand conv) and the last 1x1 conv; the stem and the classifier stay FP.
+  assert method == "talr" and len(names) == 12
+  assert {"blocks/0/depthwise/kernel", "blocks/0/project/kernel", "blocks/3/expand/kernel",
+          "conv_last/kernel"} <= set(names)
+  prev = [x for x in jax.tree.leaves(state.prev_levels) if x is not None]
+  assert len(prev) == 12 and all(x.size <= 64 for x in prev)
+  # A depthwise kernel (3, 3, 1, 64) is counted on a (3, 1, 1, 16) grid.
+  assert state.prev_levels["blocks"][2]["depthwise"]["kernel"].shape == (3, 1, 1, 16)
 
 
 def _write_tiny_cifar(directory: Path, n_train: int = 24, n_test: int = 16) -> None:

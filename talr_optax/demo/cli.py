@@ -117,11 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="sgd: SGD vs SGDT (lr 0.1); adam: Adam vs AdamT (lr 1e-3)")
   p.add_argument("--lam", type=_arg_type(_lam), default=5e-3,
                  help="target scale lambda in (0, 0.5]: R_0 = lambda * sqrt(bits) (default 5e-3)")
+  p.add_argument("--sample-size", type=_positive_int("--sample-size"), default=None,
+                 metavar="N",
+                 help="count transitions on a fixed grid of at most N weights per quantized "
+                      "tensor, for TALR and the baseline's monitor (default: every weight)")
   p.add_argument("--dataset", choices=tuple(TASKS), default="digits",
                  help="; ".join(f"{t.name}: {t.help}" for t in TASKS.values()))
   p.add_argument("--model", choices=tuple(MODELS), default=None,
-                 help="; ".join(f"{m} (default with {t.name})" for t in TASKS.values()
-                                for m in t.models[:1]))
+                 help="; ".join(f"{' or '.join(t.models)} with {t.name} (default {t.models[0]})"
+                                for t in TASKS.values()))
   p.add_argument("--data-dir", default=None,
                  type=_arg_type(lambda text: _not_empty("--data-dir", text)),
                  help="directory of the data, for the datasets that need one")
@@ -183,6 +187,7 @@ def config_from_args(argv: Sequence[str] | None = None,
       optimizer=args.optimizer,
       rule=args.rule,
       lam=args.lam,
+      sample_size=args.sample_size,
       data_dir=args.data_dir,
       out=args.out or DemoConfig.out,
       checkpoint_dir=args.checkpoint_dir,

@@ -33,6 +33,8 @@ class DemoConfig:
   optimizer: str = "sgd"
   rule: str = "multiplicative"
   lam: float = 5e-3
+  # Weights counted per quantized tensor (a fixed strided grid); None counts all.
+  sample_size: int | None = None
   data_dir: str | None = None
   out: str = "runs/demo"
   checkpoint_dir: str | None = None

@@ -43,13 +43,15 @@ def _quantized_group(cfg: DemoConfig, method: str, levels_fn: Callable[[Any], An
   if method == "talr":
     if cfg.optimizer == "sgd":
       return talr.sgdt(lr, target_rate, levels_fn, momentum=MOMENTUM,
-                       weight_decay=WEIGHT_DECAY, rule=cfg.rule)
-    return talr.adamt(lr, target_rate, levels_fn, weight_decay=WEIGHT_DECAY, rule=cfg.rule)
+                       weight_decay=WEIGHT_DECAY, rule=cfg.rule, sample_size=cfg.sample_size)
+    return talr.adamt(lr, target_rate, levels_fn, weight_decay=WEIGHT_DECAY, rule=cfg.rule,
+                      sample_size=cfg.sample_size)
   # The baseline: the same steps with the cosine learning rate; the last stage
   # counts the transitions they cause. K starts at R_0, as TALR's does.
   return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), _base(cfg, MOMENTUM),
                      optax.scale_by_learning_rate(lr),
-                     talr.track_transitions(levels_fn, initial_rate=r0))
+                     talr.track_transitions(levels_fn, initial_rate=r0,
+                                            sample_size=cfg.sample_size))
 
 
 def qat(cfg: DemoConfig, model: Any, method: str, bits: int, total_steps: int

@@ -87,12 +87,20 @@ def _resnet20(bits: int | None, seed: int, num_classes: int):
                        rngs=nnx.Rngs(seed))
 
 
+def _mobilenet(bits: int | None, seed: int, num_classes: int):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from talr_optax import nnx as tnnx  # pylint: disable=import-outside-toplevel
+  return tnnx.MobileNetV2Tiny(weight_bits=bits, act_bits=bits, num_classes=num_classes,
+                              rngs=nnx.Rngs(seed))
+
+
 # Flax is imported by the factories only: parsing the command line stays light.
-MODELS: dict[str, ModelFactory] = {"cnn": _small_cnn, "resnet20": _resnet20}
+MODELS: dict[str, ModelFactory] = {"cnn": _small_cnn, "resnet20": _resnet20,
+                                   "mobilenet": _mobilenet}
 
 TASKS: dict[str, Task] = {
     "digits": Task(
-        name="digits", help="8x8 digits; ships with scikit-learn", models=("cnn",),
+        name="digits", help="8x8 digits; ships with scikit-learn", models=("cnn", "mobilenet"),
         load=lambda cfg: data.load_digits(seed=0), defaults=Defaults(60, 15, 32),
         augment=partial(data.random_shift, max_shift=1)),
     "cifar10": Task(
