@@ -104,9 +104,16 @@ def _opt_states(opt_state):
   return [x for x in leaves if isinstance(x, kinds)]
 
 
+def _is_oscillation_state(x) -> bool:
+  import talr_optax as talr  # pylint: disable=import-outside-toplevel
+  return isinstance(x, talr.TrackOscillationsState)
+
+
 @pytest.mark.parametrize("method", ["talr", "sgd"])
 def test_sample_size_reaches_the_optimizer_state(method):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
+  from talr_optax import nnx as tnnx  # pylint: disable=import-outside-toplevel
   from talr_optax.counting import sample_strides  # pylint: disable=import-outside-toplevel
   from talr_optax.demo import optim  # pylint: disable=import-outside-toplevel
   assert demo.config_from_args([]).sample_size is None
@@ -114,11 +121,20 @@ def test_sample_size_reaches_the_optimizer_state(method):
   for argv in ([], ["--sample-size", "64"]):
     cfg = demo.config_from_args(argv)
     model = make_model(cfg, 2, 0, 10)
+    # As the demo does: track_oscillations' init traces levels_fn, which needs
+    # calibrated step sizes (scale_by_talr's init would take fresh ones).
+    tnnx.calibrate(model, jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)),
+                                      jnp.float32))
     optimizer = nnx.Optimizer(model, optim.qat(cfg, model, method, 2, 100), wrt=nnx.Param)
     (state,) = _opt_states(optimizer.opt_state)
     assert state.rate_names.names == ("conv2/kernel", "conv3/kernel")
     shapes[cfg.sample_size] = {
         name: tuple(state.prev_levels[name]["kernel"].shape) for name in ("conv2", "conv3")}
+    # The oscillation monitor follows the same weights.
+    (osc,) = [x for x in jax.tree.leaves(optimizer.opt_state, is_leaf=_is_oscillation_state)
+              if _is_oscillation_state(x)]
+    assert {name: tuple(osc.last_direction[name]["kernel"].shape)
+            for name in ("conv2", "conv3")} == shapes[cfg.sample_size]
   assert shapes[None] == {"conv2": (3, 3, 16, 32), "conv3": (3, 3, 32, 32)}
   for name, full in shapes[None].items():
     grid = tuple(-(-d // s) for d, s in zip(full, sample_strides(full, 64)))

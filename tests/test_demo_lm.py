@@ -115,9 +115,9 @@ def test_lm_defaults_quick_and_shared_flags():
   assert (quick.bits, quick.seeds, quick.steps) == ((2,), 1, lm_config.QUICK["steps"])
   cfg = demo.config_from_args(["--task", "lm", "--quick", "--bits", "3", "--seeds", "2",
                                "--steps", "7", "--lam", "0.01", "--baseline-lrs", "0.5,2,8",
-                               "--out", "somewhere"])
-  assert (cfg.bits, cfg.seeds, cfg.steps, cfg.lam, cfg.baseline_lrs, cfg.out) == (
-      (3,), 2, 7, 0.01, (0.5, 2.0, 8.0), "somewhere")
+                               "--sample-size", "64", "--out", "somewhere"])
+  assert (cfg.bits, cfg.seeds, cfg.steps, cfg.lam, cfg.baseline_lrs, cfg.sample_size,
+          cfg.out) == ((3,), 2, 7, 0.01, (0.5, 2.0, 8.0), 64, "somewhere")
   assert demo.config_from_args([]).out == "runs/demo"  # digits keeps its default
 
 
@@ -170,3 +170,34 @@ def test_tiny_lm_run_writes_results_and_figures(tmp_path, capsys):
                "oscillations", "lr_sweep"):
     png = out / f"{name}.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000, name
+
+
+@pytest.mark.parametrize("method", ["sgd", "talr"])
+def test_both_arms_count_one_rate_per_layer_on_the_sampled_grid(method):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import talr_optax as talr  # pylint: disable=import-outside-toplevel
+  from talr_optax import nnx as tnnx  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo import lm_train  # pylint: disable=import-outside-toplevel
+
+  cfg = lm_config.LMConfig(context=8, width=16, heads=2, sample_size=32)
+  model = lm_train.make_model(cfg, 2, 0)
+  tnnx.calibrate(model, jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)),
+                                    jnp.int32))
+  arm = lm_train.Arm(method, 2, 10, cfg.lr, sample_size=cfg.sample_size)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  state = jax.eval_shape(lm_train.optimizer(arm, model).init, params)
+  kinds = (talr.ScaleByTALRState, talr.TrackTransitionsState, talr.TrackOscillationsState)
+  found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
+           if isinstance(x, kinds)]
+  rates = {"sgd": talr.TrackTransitionsState, "talr": talr.ScaleByTALRState}[method]
+  assert [type(x) for x in found] == [rates, talr.TrackOscillationsState]
+  counted, oscillation = found
+  assert len(counted.rate_names.names) == 12 and "blocks/mlp/down/kernel[1]" in (
+      counted.rate_names.names)
+  assert counted.rate_names == oscillation.rate_names
+  # Each layer of the (2, 16, 64) up kernel is counted on at most 32 weights.
+  up = counted.prev_levels["blocks"]["mlp"]["up"]["kernel"].shape
+  assert up[0] == 2 and np.prod(up[1:]) <= 32
+  assert oscillation.last_direction["blocks"]["mlp"]["up"]["kernel"].shape == up

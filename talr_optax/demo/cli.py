@@ -171,7 +171,7 @@ def config_from_args(argv: Sequence[str] | None = None,
   if args.task == "lm":
     return lm_config.config_from_args(parser, args, dict(
         bits=args.bits, seeds=args.seeds, batch_size=args.batch_size, rule=args.rule,
-        lam=args.lam, out=args.out))
+        lam=args.lam, sample_size=args.sample_size, out=args.out))
   lm_config.check_not_lm(parser, args)
   task = TASKS[args.dataset]
   model = _check_task_flags(parser, args, task)

@@ -39,6 +39,8 @@ class LMConfig:
     lam: the target's ``lambda``: ``R_0 = lam * sqrt(bits)``.
     ema_momentum: momentum ``m`` of the transition-rate EMA ``K`` (both
       arms) and of TALR's learning-rate factor.
+    sample_size: count transitions and oscillations on a fixed grid of at
+      most this many weights per layer of each kernel (``None``: all).
     out: output directory.
   """
 
@@ -62,6 +64,7 @@ class LMConfig:
   # steps it lags the cosine target (U may fall by at most 1 % per step).
   # 0.95 averages over ~20 steps, 2 % of a run.
   ema_momentum: float = 0.95
+  sample_size: int | None = None
   out: str = "runs/lm"
   task: str = "lm"
 
@@ -160,7 +163,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     parser: the demo's parser (for its errors).
     args: the parsed flags.
     shared: values of the flags both tasks use, as the digits task resolved
-      them (``None`` where not given): bits, seeds, batch_size, rule, lam, out.
+      them (``None`` where not given): bits, seeds, batch_size, rule, lam,
+      sample_size, out.
   """
   for flag in IMAGE_FLAGS:
     if getattr(args, _dest(flag)) is not None:

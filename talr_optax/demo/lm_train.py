@@ -49,6 +49,7 @@ class Arm:
     lam: the target's ``lambda``.
     rule: TALR rule.
     ema_momentum: momentum ``m`` of ``K`` (both arms) and of TALR's ``c``.
+    sample_size: weights counted per rate group (``None``: all).
   """
 
   method: str
@@ -58,6 +59,7 @@ class Arm:
   lam: float = 5e-3
   rule: str = "multiplicative"
   ema_momentum: float = 0.99
+  sample_size: int | None = None
 
   @property
   def r0(self) -> float:
@@ -103,15 +105,17 @@ def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0) -> optax.Gradien
   levels_fn, axes = tnnx.levels_fn_for(model), tnnx.layer_axes_for(model)
   if arm.method == "talr":
     quantized = talr.adamwt(lr, arm.target(), levels_fn, weight_decay=WEIGHT_DECAY,
-                            rule=arm.rule, ema_momentum=arm.ema_momentum, layer_axes=axes)
+                            rule=arm.rule, ema_momentum=arm.ema_momentum, layer_axes=axes,
+                            sample_size=arm.sample_size)
   else:
     # optax.adamw's stages, then the count; K starts at R_0 as TALR's does.
     quantized = optax.chain(
         optax.scale_by_adam(), optax.add_decayed_weights(WEIGHT_DECAY),
         optax.scale_by_learning_rate(lambda count: lr_scale * lr(count)),
         talr.track_transitions(levels_fn, arm.target(), momentum=arm.ema_momentum,
-                               layer_axes=axes))
-  quantized = optax.chain(quantized, talr.track_oscillations(levels_fn, layer_axes=axes))
+                               layer_axes=axes, sample_size=arm.sample_size))
+  quantized = optax.chain(quantized, talr.track_oscillations(
+      levels_fn, layer_axes=axes, sample_size=arm.sample_size))
   return optax.partition({tnnx.QUANTIZED: quantized, tnnx.FULL_PRECISION: full_precision},
                          tnnx.param_labels(model))
 
@@ -316,7 +320,8 @@ def run_qat(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model
   rng = np.random.default_rng(seed)
   tnnx.calibrate(model, jnp.asarray(
       lm_data.random_windows(corpus.train, cfg.context, cfg.batch_size, rng)))
-  arm = Arm(method, bits, cfg.steps, cfg.lr, cfg.lam, cfg.rule, cfg.ema_momentum)
+  arm = Arm(method, bits, cfg.steps, cfg.lr, cfg.lam, cfg.rule, cfg.ema_momentum,
+            cfg.sample_size)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   run = _Run(arm, model, optimizer(arm, model, lr_scale).init(params), lr_scale, rng)
   model.train()

@@ -68,7 +68,8 @@ def qat(cfg: DemoConfig, model: Any, method: str, bits: int, total_steps: int
       # The oscillation monitor ends both arms' chains: it sees the final
       # updates and leaves them unchanged.
       tnnx.QUANTIZED: optax.chain(_quantized_group(cfg, method, levels_fn, lr, r0, target_rate),
-                                  talr.track_oscillations(levels_fn)),
+                                  talr.track_oscillations(levels_fn,
+                                                          sample_size=cfg.sample_size)),
       tnnx.FULL_PRECISION: optax.chain(optax.add_decayed_weights(WEIGHT_DECAY),
                                        _base(cfg, MOMENTUM), optax.scale_by_learning_rate(lr)),
       tnnx.ACTIVATION_SCALE: optax.sgd(optax.cosine_decay_schedule(ACT_SCALE_LR, total_steps)),
