@@ -119,10 +119,9 @@ def counted_weights(shape: Sequence[int], sample_size: Optional[int]) -> int:
 def _pair(m: dict[str, jax.Array], field: str, names: Sequence[str]) -> jax.Array:
   """``(sampled, exact)`` rows of ``field``: TALR's state first, then the monitor's.
 
-  ``talr.metrics`` suffixes the monitor's keys ``#<i>``, ``i`` its position among
-  the states it found (the demo's oscillation monitor comes between them).
+  ``talr.metrics`` gives the second state holding a key the suffix ``#1``.
   """
-  exact = lambda n: next(v for k, v in m.items() if k.startswith(f"{field}/{n}#"))  # noqa: E731
+  exact = lambda n: m[f"{field}/{n}#1"]  # noqa: E731
   return jnp.stack([jnp.stack([m[f"{field}/{n}"] for n in names]),
                     jnp.stack([exact(n) for n in names])])
 

@@ -45,11 +45,13 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     stacked param; with ``granularity="global"`` the key is the field name
     alone. The oscillation monitor adds ``mean_oscillation_frequency/<name>``,
     ``oscillating_fraction/<name>`` and ``oscillation_rate/<name>``. When
-    several states name the same rate, later ones get a ``#<i>`` suffix.
+    several states hold the same key, the second gets ``#1``, the third
+    ``#2``, and so on (in the order of the states).
   """
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(s)]
   out: dict[str, jax.Array] = {}
-  for i, state in enumerate(found):
+  seen: dict[str, int] = {}
+  for state in found:
     names = state.rate_names.names
     for field in _FIELDS:
       if not hasattr(state, field):
@@ -57,5 +59,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
       vector = _tree.unbox(getattr(state, field))
       for j, name in enumerate(names):
         key = f"{field}/{name}" if name else field
-        out[f"{key}#{i}" if key in out else key] = vector[j]
+        repeat = seen.get(key, 0)
+        seen[key] = repeat + 1
+        out[f"{key}#{repeat}" if repeat else key] = vector[j]
   return out

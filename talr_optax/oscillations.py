@@ -121,7 +121,11 @@ def track_oscillations(
         for q in layout.leaves])
 
   def init_fn(params):
-    layout = layout_for(params)
+    # Computed levels, not only their shapes: an uncalibrated NNX model's
+    # levels_fn refuses to be traced (see talr_optax.nnx.levels_fn_for).
+    levels, treedef = _layout.call_levels_fn(levels_fn, params)
+    layout = _layout.build(levels, treedef, params, layer_axes=layer_axes,
+                           sample_size=sample_size, global_rate=False)
     if not any(q is not None for q in layout.leaves):
       raise ValueError("levels_fn returned no quantized leaf (only None): nothing to track.")
     zeros = jnp.zeros((len(layout.names),), RATE_DTYPE)

@@ -222,7 +222,7 @@ def test_duplicate_names_get_a_suffix_in_state_order():
   assert set(m) == _expected_keys() | _expected_keys(fields=MONITOR_FIELDS, suffix="#1")
   _check_values(m, state[1])
   _check_values(m, state[2], fields=MONITOR_FIELDS, suffix="#1")
-  # Two monitors: the second one's keys get #2 (its index among the states).
+  # Two monitors: the second one's keys get #2 (the key's third occurrence).
   tx = optax.chain(optax.trace(0.9), _talr_tx(),
                    talr_optax.track_transitions(LEVELS_FN, 0.05),
                    talr_optax.track_transitions(LEVELS_FN, 0.01, momentum=0.5))

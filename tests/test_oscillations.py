@@ -115,3 +115,12 @@ def test_jit_no_recompile():
   with test_utils.log_compilations() as logs:
     _, state = step(params, state, params)
   assert not logs
+
+
+def test_init_on_an_uncalibrated_nnx_model():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from talr_optax import nnx as tnnx  # pylint: disable=import-outside-toplevel
+  model = tnnx.SmallCNN(weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
+  levels_fn = tnnx.levels_fn_for(model)
+  state = talr.track_oscillations(levels_fn).init(nnx.state(model, nnx.Param))
+  assert state.rate_names.names == ("conv2/kernel", "conv3/kernel")
