@@ -1,4 +1,4 @@
-"""Tests of talr_optax.schedules against the closed forms of METHOD.md §5."""
+"""Tests of talr_optax.schedules against the closed forms of the paper's target schedule."""
 
 import math
 
