@@ -47,7 +47,6 @@ class QuantizedLeaf(NamedTuple):
   num_rates: int  # 1, or the number of layers along `layer_axis`
   layer_axis: Optional[int]
   weights_per_rate: int  # true size of one rate group
-  counted_per_rate: int  # entries counted (fewer when sampled)
   strides: Optional[tuple[int, ...]]  # sampling grid, None when exact
   shape: tuple[int, ...]  # of the levels (and the param)
 
@@ -57,6 +56,14 @@ class QuantizedLeaf(NamedTuple):
     if self.strides is None:
       return self.shape
     return tuple(-(-d // s) for d, s in zip(self.shape, self.strides))
+
+  @property
+  def counted_per_rate(self) -> int:
+    """Entries counted per rate group (fewer than ``weights_per_rate`` when sampled)."""
+    if self.strides is None:
+      return self.weights_per_rate
+    axis = None if self.layer_axis is None else self.layer_axis % len(self.shape)
+    return math.prod(n for i, n in enumerate(self.counted_shape) if i != axis)
 
 
 class Layout(NamedTuple):
@@ -68,16 +75,6 @@ class Layout(NamedTuple):
   @property
   def num_rates(self) -> int:
     return 1 if self.global_rate else len(self.names)
-
-
-def is_none_or_masked_leaf(x: Any) -> bool:
-  """A levels leaf that is not quantized: ``None`` or ``optax.MaskedNode``."""
-  return _tree.is_none_or_masked(x)
-
-
-def is_empty_or_masked(x: Any) -> bool:
-  """A params or updates leaf that needs no update: ``None`` or ``MaskedNode``."""
-  return _tree.is_none_or_masked(x)
 
 
 def has_no_weights(x: Any) -> bool:
@@ -186,10 +183,7 @@ def build(levels: list[Any], treedef: Any, params: Any, *, layer_axes: Any,
     strides = None
     if sample_size is not None:
       strides = sample_strides(level.shape, sample_size, axis)
-    counted = per_rate if strides is None else math.prod(
-        -(-d // s) for i, (d, s) in enumerate(zip(level.shape, strides))
-        if axis is None or i != axis % level.ndim)
-    leaves.append(QuantizedLeaf(position, len(names), num, axis, per_rate, counted, strides,
+    leaves.append(QuantizedLeaf(position, len(names), num, axis, per_rate, strides,
                                 tuple(level.shape)))
     names.extend([path] if axis is None else [f"{path}[{i}]" for i in range(num)])
   return Layout(treedef, tuple(leaves), tuple(names), global_rate)
@@ -199,10 +193,35 @@ def of_shapes(levels_fn: LevelsFn, params: Any, *, layer_axes: Any,
               sample_size: Optional[int], global_rate: bool) -> Layout:
   """The layout from the shapes of ``levels_fn(params)``, computing no levels."""
   shapes = jax.eval_shape(levels_fn, params)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_none_or_masked_leaf)
-  leaves = [None if is_none_or_masked_leaf(x) else x for x in leaves]
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_tree.is_none_or_masked)
+  leaves = [None if _tree.is_none_or_masked(x) else x for x in leaves]
   return build(leaves, treedef, params, layer_axes=layer_axes, sample_size=sample_size,
                global_rate=global_rate)
+
+
+def at_init(levels_fn: LevelsFn, params: Any, *, name: str, layer_axes: Any,
+            sample_size: Optional[int], global_rate: bool) -> tuple[Layout, list[Any]]:
+  """The layout and the int8 levels of the params, checked, for an ``init``.
+
+  Levels are computed, not only traced: ``talr_optax.nnx.levels_fn_for`` of an
+  uncalibrated model refuses to be traced.
+  """
+  if any(type(x).__name__ == "_ParamsPlaceholder"
+         for x in jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))):
+    raise ValueError(
+        f"optax.tree.map_params cannot map a {name} state: its init computes the"
+        " levels of the real params, which a placeholder does not have. To shard the"
+        " state, call tx.init (or jax.jit(tx.init)) on sharded params: levels take the"
+        " sharding of their params, rates are replicated.")
+  levels, treedef = call_levels_fn(levels_fn, params)
+  if all(level is None for level in levels):
+    raise ValueError(
+        f"levels_fn returned no quantized leaf (only None): {name} has nothing to"
+        " measure. Return integer levels for the quantized weights.")
+  layout = build(levels, treedef, params, layer_axes=layer_axes,
+                 sample_size=sample_size, global_rate=global_rate)
+  check_shapes(layout, params)
+  return layout, levels
 
 
 def group_means(layout: Layout, values: list[Any]) -> jax.Array:

@@ -43,30 +43,35 @@ def _base_rate(learning_rate: optax.ScalarOrSchedule) -> Any:
   return value
 
 
-def _talr(learning_rate, target_transition_rate, levels_fn, talr_args: dict[str, Any]
+def _talr(learning_rate, target_transition_rate, levels_fn, *, ema_momentum, **talr_args
           ) -> optax.GradientTransformationExtraArgs:
   # scale_by_talr calls the EMA momentum `momentum`; here that is SGD's.
-  args = dict(talr_args)
-  momentum = args.pop("ema_momentum")
-  _checks.check_number("ema_momentum", momentum, 0.0, 1.0, high_open=True)
+  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
   return scale_by_talr(
       target_transition_rate, levels_fn, learning_rate=_base_rate(learning_rate),
-      momentum=momentum, fallback_learning_rate=learning_rate, **args)
+      momentum=ema_momentum, fallback_learning_rate=learning_rate, **talr_args)
 
 
 def _chain(name: str, *stages: optax.GradientTransformation
            ) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(*stages)`` whose update says so when given another optimizer's state."""
   tx = optax.chain(*stages)
+  kinds = lambda s: tuple(type(x).__name__ for x in s) if isinstance(s, tuple) else (
+      type(s).__name__,)
+  expected_by_structure: dict[Any, tuple[str, ...]] = {}  # init traced once per structure
+
+  def expected_kinds(params):
+    key = jax.tree.structure(params)
+    if key not in expected_by_structure:
+      expected_by_structure[key] = kinds(jax.eval_shape(tx.init, params))
+    return expected_by_structure[key]
 
   def update_fn(updates, state, params=None, **extra_args):
-    expected = jax.eval_shape(tx.init, params) if params is not None else None
-    kinds = lambda s: tuple(type(x).__name__ for x in s) if isinstance(s, tuple) else (
-        type(s).__name__,)
-    if expected is not None and kinds(state) != kinds(expected):
+    expected = None if params is None else expected_kinds(params)
+    if expected is not None and kinds(state) != expected:
       raise ValueError(
           f"{name} got a state made by another optimizer: it expects states"
-          f" {kinds(expected)}, got {kinds(state)}. Call {name}(...).init(params).")
+          f" {expected}, got {kinds(state)}. Call {name}(...).init(params).")
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -77,11 +82,6 @@ def _decay(weight_decay: Optional[float], mask: Any) -> list[optax.GradientTrans
     return []
   _checks.check_number("weight_decay", weight_decay, 0.0, np.inf, high_open=True)
   return [optax.add_decayed_weights(weight_decay, mask)]
-
-
-def _talr_args(ema_momentum, rule, granularity, rate, layer_axes, sample_size):
-  return dict(ema_momentum=ema_momentum, rule=rule, granularity=granularity, rate=rate,
-              layer_axes=layer_axes, sample_size=sample_size)
 
 
 def sgdt(
@@ -132,8 +132,9 @@ def sgdt(
     _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
     _checks.check_bool("nesterov", nesterov)
     stages.append(optax.trace(decay=momentum, nesterov=nesterov))
-  stages.append(_talr(learning_rate, target_transition_rate, levels_fn, _talr_args(
-      ema_momentum, rule, granularity, rate, layer_axes, sample_size)))
+  stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
+                      ema_momentum=ema_momentum, rule=rule, granularity=granularity,
+                      rate=rate, layer_axes=layer_axes, sample_size=sample_size))
   return _chain("sgdt", *stages)
 
 
@@ -170,8 +171,9 @@ def adamt(
   """
   stages = _decay(weight_decay, weight_decay_mask)
   stages.append(_adam(b1, b2, eps))
-  stages.append(_talr(learning_rate, target_transition_rate, levels_fn, _talr_args(
-      ema_momentum, rule, granularity, rate, layer_axes, sample_size)))
+  stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
+                      ema_momentum=ema_momentum, rule=rule, granularity=granularity,
+                      rate=rate, layer_axes=layer_axes, sample_size=sample_size))
   return _chain("adamt", *stages)
 
 
@@ -201,6 +203,7 @@ def adamwt(
   """
   stages = [_adam(b1, b2, eps)]
   stages += _decay(weight_decay, weight_decay_mask)
-  stages.append(_talr(learning_rate, target_transition_rate, levels_fn, _talr_args(
-      ema_momentum, rule, granularity, rate, layer_axes, sample_size)))
+  stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
+                      ema_momentum=ema_momentum, rule=rule, granularity=granularity,
+                      rate=rate, layer_axes=layer_axes, sample_size=sample_size))
   return _chain("adamwt", *stages)

@@ -111,9 +111,7 @@ def track_oscillations(
   if sample_size is not None:
     _checks.check_int("sample_size", sample_size, 1)
 
-  def layout_for(params):
-    return _layout.of_shapes(levels_fn, params, layer_axes=layer_axes,
-                             sample_size=sample_size, global_rate=False)
+  measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
 
   def per_weight(layout, value, dtype):
     return layout.treedef.unflatten([
@@ -121,13 +119,7 @@ def track_oscillations(
         for q in layout.leaves])
 
   def init_fn(params):
-    # Computed levels, not only their shapes: an uncalibrated NNX model's
-    # levels_fn refuses to be traced (see talr_optax.nnx.levels_fn_for).
-    levels, treedef = _layout.call_levels_fn(levels_fn, params)
-    layout = _layout.build(levels, treedef, params, layer_axes=layer_axes,
-                           sample_size=sample_size, global_rate=False)
-    if not any(q is not None for q in layout.leaves):
-      raise ValueError("levels_fn returned no quantized leaf (only None): nothing to track.")
+    layout, _ = _layout.at_init(levels_fn, params, name="track_oscillations", **measure)
     zeros = jnp.zeros((len(layout.names),), RATE_DTYPE)
     return TrackOscillationsState(
         last_direction=per_weight(layout, 0, _DIRECTION_DTYPE),
@@ -144,8 +136,8 @@ def track_oscillations(
       raise ValueError(
           "track_oscillations measures the level changes the update causes, so it"
           " needs the params: call tx.update(updates, state, params).")
-    layout = layout_for(params)
-    before, _ = _layout.call_levels_fn(levels_fn, params)
+    before, treedef = _layout.call_levels_fn(levels_fn, params)
+    layout = _layout.build(before, treedef, params, **measure)
     after, _ = _layout.call_levels_fn(levels_fn, optax.apply_updates(params, updates))
     last = _layout.match(layout.treedef, state.last_direction, "stored directions")
     freq = _layout.match(layout.treedef, state.oscillation_frequency, "stored frequencies")

@@ -28,6 +28,7 @@ import optax
 
 from talr_optax import _checks
 from talr_optax import _layout
+from talr_optax import _tree
 from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
 
 __all__ = [
@@ -133,36 +134,16 @@ def _check_update_call(name: str, params: Any, extra_args: dict[str, Any]) -> No
         " argument.")
 
 
-def _measure_init(levels_fn, params, *, name, layer_axes, sample_size, global_rate
-                  ) -> tuple[_layout.Layout, list[Any]]:
-  """The layout of the rate groups and the int8 levels of the params at ``init``."""
-  if any(type(x).__name__ == "_ParamsPlaceholder"
-         for x in jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))):
-    raise ValueError(
-        f"optax.tree.map_params cannot map a {name} state: its init computes the"
-        " levels of the real params, which a placeholder does not have. To shard the"
-        " state, call tx.init (or jax.jit(tx.init)) on sharded params: levels take the"
-        " sharding of their params, rates are replicated.")
-  levels, treedef = _layout.call_levels_fn(levels_fn, params)
-  if all(level is None for level in levels):
-    raise ValueError(
-        f"levels_fn returned no quantized leaf (only None): {name} has nothing to"
-        " measure. Return integer levels for the quantized weights.")
-  layout = _layout.build(levels, treedef, params, layer_axes=layer_axes,
-                         sample_size=sample_size, global_rate=global_rate)
-  _layout.check_shapes(layout, params)
-  return layout, levels
+def _levels_after(levels_fn, params, updates) -> tuple[list[Any], Any]:
+  """Levels (and their treedef) of the params the next step receives."""
+  return _layout.call_levels_fn(levels_fn, _rounded(optax.apply_updates(params, updates)))
 
 
-def _count_caused(levels_fn, params, updates, prev_levels, *, layer_axes, sample_size,
-                  global_rate) -> tuple[jax.Array, Any]:
-  """``k`` of the transitions ``updates`` cause, and the levels to store."""
-  new_params = _rounded(optax.apply_updates(params, updates))
-  levels, treedef = _layout.call_levels_fn(levels_fn, new_params)
-  layout = _layout.build(levels, treedef, new_params, layer_axes=layer_axes,
-                         sample_size=sample_size, global_rate=global_rate)
-  k = _layout.transition_rates(layout, levels, prev_levels)
-  return k, _layout.counted_levels(layout, levels)
+def _count_caused(layout: _layout.Layout, levels: list[Any], prev_levels: Any
+                  ) -> tuple[jax.Array, Any]:
+  """``k`` of the transitions that led to ``levels``, and the levels to store."""
+  return (_layout.transition_rates(layout, levels, prev_levels),
+          _layout.counted_levels(layout, levels))
 
 
 def _rounded(params: Any) -> Any:
@@ -291,7 +272,7 @@ def scale_by_talr(
                  global_rate=granularity == "global")
 
   def init_fn(params):
-    layout, levels = _measure_init(levels_fn, params, name="scale_by_talr", **measure)
+    layout, levels = _layout.at_init(levels_fn, params, name="scale_by_talr", **measure)
     if fallback_fn is None:
       _require_no_unquantized_leaf(layout, levels, params)
     r0 = _sanitize_target(target_fn(jnp.asarray(0, jnp.int32)))
@@ -320,7 +301,8 @@ def scale_by_talr(
     layout = _layout.of_shapes(levels_fn, params, **measure)
     updates = _scale_updates(layout, updates, state.talr, fallback)
     # 2. The transitions it causes set U_(n+1), for the target R(n+1).
-    k, prev_levels = _count_caused(levels_fn, params, updates, state.prev_levels, **measure)
+    levels, _ = _levels_after(levels_fn, params, updates)
+    k, prev_levels = _count_caused(layout, levels, state.prev_levels)
     R = _sanitize_target(target_fn(optax.safe_increment(n)))
     K, U, c = adapt(k, state.ema_transition_rate, state.talr, state.talr_scale, R)
     return updates, ScaleByTALRState(
@@ -381,7 +363,7 @@ def _require_no_unquantized_leaf(layout: _layout.Layout, levels: list[Any], para
   unquantized = [
       i for i, (level, p) in enumerate(zip(levels, _layout.match(
           layout.treedef, params, "params")))
-      if level is None and not _layout.is_empty_or_masked(p)]
+      if level is None and not _tree.is_none_or_masked(p)]
   if unquantized:
     raise ValueError(
         f"levels_fn returned None for {len(unquantized)} param leaves (e.g. leaf"
@@ -395,7 +377,7 @@ def _scale_updates(layout: _layout.Layout, updates: Any, talr: jax.Array,
   """``-U * g`` on quantized leaves (per tensor or layer), ``-fallback * g`` elsewhere."""
   scaled = []
   for q, u in zip(layout.leaves, _layout.match(layout.treedef, updates, "updates")):
-    if _layout.is_empty_or_masked(u) or _layout.has_no_weights(u):
+    if _tree.is_none_or_masked(u) or _layout.has_no_weights(u):
       scaled.append(u)
     elif q is not None:
       scaled.append(jax.tree.map(
@@ -444,7 +426,7 @@ def track_transitions(
   measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
 
   def init_fn(params):
-    layout, levels = _measure_init(levels_fn, params, name="track_transitions", **measure)
+    layout, levels = _layout.at_init(levels_fn, params, name="track_transitions", **measure)
     fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
     return TrackTransitionsState(
         prev_levels=_layout.counted_levels(layout, levels),
@@ -455,7 +437,9 @@ def track_transitions(
 
   def update_fn(updates, state, params=None, **extra_args):
     _check_update_call("track_transitions", params, extra_args)
-    k, prev_levels = _count_caused(levels_fn, params, updates, state.prev_levels, **measure)
+    levels, treedef = _levels_after(levels_fn, params, updates)
+    layout = _layout.build(levels, treedef, params, **measure)
+    k, prev_levels = _count_caused(layout, levels, state.prev_levels)
     K = (momentum * state.ema_transition_rate + (1.0 - momentum) * k).astype(RATE_DTYPE)
     return updates, TrackTransitionsState(prev_levels, k, K, state.rate_names)
 

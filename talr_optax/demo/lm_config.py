@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from talr_optax import _checks
 
