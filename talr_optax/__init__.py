@@ -20,7 +20,7 @@ from talr_optax.quantizers import (
     levels_fn_from_scales,
     weight_levels,
 )
-from talr_optax.schedules import cosine_target, initial_target
+from talr_optax.schedules import TargetSchedule, cosine_target, ema_momentum_for, initial_target
 from talr_optax.transform import (
     RateNames,
     ScaleByTALRState,
@@ -35,6 +35,7 @@ __all__ = [
     "RateNames",
     "ScaleByTALRState",
     "TrackOscillationsState",
+    "TargetSchedule",
     "TrackTransitionsState",
     "activation_levels",
     "adamt",
@@ -42,6 +43,7 @@ __all__ = [
     "cosine_target",
     "count_transitions",
     "distance_to_transition",
+    "ema_momentum_for",
     "fake_quant_activation",
     "fake_quant_weight",
     "initial_activation_scale",

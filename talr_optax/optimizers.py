@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from talr_optax import _checks
+from talr_optax.schedules import resolve_ema_momentum
 from talr_optax.transform import LevelsFn, ScalarOrSchedule, scale_by_talr
 
 __all__ = ["sgdt", "adamt", "adamwt"]
@@ -46,6 +47,7 @@ def _base_rate(learning_rate: optax.ScalarOrSchedule) -> Any:
 def _talr(learning_rate, target_transition_rate, levels_fn, *, ema_momentum, **talr_args
           ) -> optax.GradientTransformationExtraArgs:
   # scale_by_talr calls the EMA momentum `momentum`; here that is SGD's.
+  ema_momentum = resolve_ema_momentum(ema_momentum, target_transition_rate)
   _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
   return scale_by_talr(
       target_transition_rate, levels_fn, learning_rate=_base_rate(learning_rate),
@@ -93,7 +95,7 @@ def sgdt(
     nesterov: bool = False,
     weight_decay: Optional[float] = None,
     weight_decay_mask: Optional[Any] = None,
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
     rate: Optional[float] = None,
@@ -115,7 +117,9 @@ def sgdt(
     nesterov: Nesterov momentum.
     weight_decay: coupled L2 coefficient (>= 0); ``None`` drops the stage.
     weight_decay_mask: mask (pytree or callable) of the leaves to decay.
-    ema_momentum: EMA momentum of the transition rate, in ``[0, 1)``.
+    ema_momentum: EMA momentum of the transition rate, in ``[0, 1)``;
+      ``None``: :func:`talr_optax.ema_momentum_for` of the target's length
+      when the target is a :func:`talr_optax.cosine_target`, else 0.99.
     rule: ``"multiplicative"`` or ``"additive"``.
     granularity: ``"per_tensor"`` or ``"global"``.
     rate: additive rule only: step of ``U`` (``None``: the base learning rate).
@@ -155,7 +159,7 @@ def adamt(
     eps: float = 1e-8,
     weight_decay: Optional[float] = None,
     weight_decay_mask: Optional[Any] = None,
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
     rate: Optional[float] = None,
@@ -187,7 +191,7 @@ def adamwt(
     eps: float = 1e-8,
     weight_decay: Optional[float] = 1e-4,
     weight_decay_mask: Optional[Any] = None,
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
     rate: Optional[float] = None,

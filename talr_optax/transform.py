@@ -29,6 +29,7 @@ import optax
 from talr_optax import _checks
 from talr_optax import _layout
 from talr_optax import _tree
+from talr_optax import schedules
 from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
 
 __all__ = [
@@ -188,7 +189,7 @@ def scale_by_talr(
     *,
     learning_rate: float,
     rule: str = "multiplicative",
-    momentum: float = 0.99,
+    momentum: Optional[float] = None,
     rate: Optional[float] = None,
     granularity: str = "per_tensor",
     fallback_learning_rate: Optional[optax.ScalarOrSchedule] = None,
@@ -235,7 +236,9 @@ def scale_by_talr(
     learning_rate: base learning rate (> 0): ``U_0``, and the scale of ``c``.
     rule: ``"multiplicative"`` (the authors' code) or ``"additive"`` (the
       paper's Eq. 11).
-    momentum: EMA momentum ``m`` of the transition rate, in ``[0, 1)``.
+    momentum: EMA momentum ``m`` of the transition rate, in ``[0, 1)``;
+      ``None``: :func:`talr_optax.ema_momentum_for` of the target's length if
+      it knows it (:func:`talr_optax.cosine_target` does), else 0.99.
     rate: additive rule only: the step ``eta`` of ``U`` (> 0); ``None`` means
       ``learning_rate``.
     granularity: ``"per_tensor"`` (one ``U`` per quantized tensor, as in the
@@ -261,6 +264,7 @@ def scale_by_talr(
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
     Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
   """
+  momentum = schedules.resolve_ema_momentum(momentum, target_transition_rate)
   _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, momentum,
                         rate, granularity, fallback_learning_rate, layer_axes, sample_size)
   target_fn = _as_schedule(target_transition_rate)
@@ -395,7 +399,7 @@ def track_transitions(
     levels_fn: LevelsFn,
     initial_rate: ScalarOrSchedule,
     *,
-    momentum: float = 0.99,
+    momentum: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -412,7 +416,8 @@ def track_transitions(
     initial_rate: ``K_0`` in ``[0, 1]``, a float or a schedule whose value at
       step 0 is used. Pass the target given to :func:`scale_by_talr` so both
       ``K`` start at ``R(0)``.
-    momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``.
+    momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``; ``None``: as in
+      :func:`scale_by_talr`, from ``initial_rate``.
     layer_axes: as in :func:`scale_by_talr`.
     sample_size: as in :func:`scale_by_talr`.
 
@@ -421,6 +426,7 @@ def track_transitions(
     :class:`TrackTransitionsState`.
   """
   _check_target(initial_rate, "initial_rate")
+  momentum = schedules.resolve_ema_momentum(momentum, initial_rate)
   _check_common(levels_fn, momentum, sample_size)
   k0 = _as_schedule(initial_rate)(jnp.asarray(0, jnp.int32))
   measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
