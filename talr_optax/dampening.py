@@ -110,6 +110,9 @@ def dampen_oscillations(centers_fn: CentersFn, strength: optax.ScalarOrSchedule
   term, so a weight beyond the outer levels feels no pull; the centres
   functions of this library give such a weight itself as its centre.
 
+  Under ``optax.inject_hyperparams`` pass ``static_args=("centers_fn",)``:
+  it treats callables as schedules.
+
   Safe behaviour: a schedule's negative or NaN value counts as 0 at that
   step (a schedule cannot raise under jit).
 

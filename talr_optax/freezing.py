@@ -126,6 +126,9 @@ def freeze_oscillations(
 
   (``sgdt``/``adamt``/``adamwt`` take ``freeze_threshold=`` for this.)
 
+  Under ``optax.inject_hyperparams`` pass ``static_args=("levels_fn",
+  "centers_fn", "inner")``: it treats callables as schedules.
+
   Safe behaviour: a threshold schedule's value ``<= 0`` or NaN turns the
   freezing off at that step (tracking goes on). The snap lands on the level
   centre in the params' dtype; in bfloat16 above 7 bits the rounding of
@@ -220,8 +223,7 @@ def freeze_oscillations(
       for name, value in zip(("prev", "direction", "frequency", "ema", "frozen", "target",
                               "snap"), step):
         new[name][i] = value
-    centers = centers_fn(params, treedef.unflatten(new["target"]))
-    center_leaves = _layout.match(treedef, centers, "centres of the frozen levels")
+    center_leaves = _frozen_centers(centers_fn, params, treedef, new["target"])
     param_leaves = _layout.match(treedef, params, "params")
     update_leaves = _layout.match(treedef, updates, "updates")
     masked, snapped, snaps = [], [], []
@@ -257,6 +259,28 @@ def freeze_oscillations(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _frozen_centers(centers_fn: CentersFn, params: Any, treedef: Any, targets: list[Any]
+                    ) -> list[Any]:
+  """``centers_fn(params, levels)`` at the leaves of the levels, checked."""
+  centers = centers_fn(params, treedef.unflatten(targets))
+  try:
+    leaves = treedef.flatten_up_to(centers)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "freeze_oscillations: centers_fn(params, levels) returned a pytree whose"
+        " structure does not match the levels: it must return a pytree with the"
+        f" structure of params, an array per quantized leaf and None elsewhere. ({e})"
+    ) from None
+  for i, (c, level) in enumerate(zip(leaves, targets)):
+    if level is not None and getattr(c, "shape", None) != level.shape:
+      raise ValueError(
+          f"freeze_oscillations: centers_fn(params, levels) returned"
+          f" {type(c).__name__} of shape {getattr(c, 'shape', None)} at leaf {i}, where"
+          f" the levels have shape {level.shape}: it must return the value of each"
+          " given level.")
+  return leaves
 
 
 def _step(x, prev, direction, frequency, ema, frozen, *, a, thr, on):

@@ -126,17 +126,18 @@ def test_the_reference_code_moves_frozen_weights_we_do_not():
   assert [int(once(np.array([x], np.float32))[0]) for x in seq] == [0, 1, 1, 0, 1, 1]
 
 
-def test_talr_counts_what_is_applied():
+@pytest.mark.parametrize("layer_axes", [None, {"w": 0, "b": None}])
+def test_talr_counts_what_is_applied(layer_axes):
   """Around scale_by_talr, TALR's k is the fraction of applied level changes."""
   rng = np.random.default_rng(1)
-  w = rng.normal(size=(8, 16)).astype(np.float32)
+  w = rng.normal(size=(4, 8, 4)).astype(np.float32)
   levels_fn, centers_fn = _setup(2, 1.0)
   talr_stage = talr.scale_by_talr(0.05, levels_fn, learning_rate=0.3,
-                                  fallback_learning_rate=0.1)
+                                  fallback_learning_rate=0.1, layer_axes=layer_axes)
   tx = optax.chain(
       optax.scale_by_adam(),
       talr.freeze_oscillations(levels_fn, centers_fn, 0.1, ema_momentum=0.9,
-                               inner=talr_stage))
+                               layer_axes=layer_axes, inner=talr_stage))
   params = {"w": jnp.asarray(w), "b": jnp.zeros(3)}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -148,15 +149,18 @@ def test_talr_counts_what_is_applied():
     new = optax.apply_updates(params, upd)
     old_levels = np.asarray(levels_fn(params)["w"])
     new_levels = np.asarray(levels_fn(new)["w"])
-    k = float(state[1].inner_state.transition_rate[0])
-    assert k == pytest.approx(np.mean(old_levels != new_levels), abs=1e-7)
+    k = np.asarray(state[1].inner_state.transition_rate)
+    changed = (old_levels != new_levels).reshape(4, -1)
+    np.testing.assert_allclose(
+        k, [changed.mean()] if layer_axes is None else changed.mean(axis=1), atol=1e-7)
     newly = np.asarray(state[1].frozen["w"]) & ~frozen_before
     snapped_steps += bool(np.any(newly & (old_levels != new_levels)))
     params = new
   assert snapped_steps > 0, "some steps must snap a weight to another level"
-  assert float(state[1].frozen_fraction[0]) > 0.1
+  assert float(np.mean(state[1].frozen["w"])) > 0.1
+  suffix = "" if layer_axes is None else "[3]"
   keys = set(talr.metrics(state))
-  assert {"frozen_fraction/w", "talr/w", "transition_rate/w"} <= keys
+  assert {f"frozen_fraction/w{suffix}", f"talr/w{suffix}", f"transition_rate/w{suffix}"} <= keys
 
 
 def test_composes_with_sgdt_adamwt_and_plain():
@@ -213,6 +217,21 @@ def test_layer_axes_bf16_and_state_bytes():
   assert per_weight == 11 * w.size == freezing.state_bytes_per_weight() * w.size
 
 
+def test_non_finite_gradient_does_not_corrupt_state():
+  levels_fn, centers_fn = _setup()
+  tx = optax.chain(optax.sgd(0.5), talr.freeze_oscillations(levels_fn, centers_fn, 0.1))
+  params = {"w": jnp.linspace(-1, 1, 6), "b": jnp.zeros(1)}
+  state = tx.init(params)
+  g = {"w": jnp.array([jnp.nan, jnp.inf, 0.0, 1.0, 0.0, 0.0]), "b": jnp.ones(1)}
+  upd, state = tx.update(g, state, params)
+  params = optax.apply_updates(params, upd)
+  upd, state = tx.update(jax.tree.map(jnp.zeros_like, g), state, params)
+  f = state[1]
+  for x in (f.freeze_frequency["w"], f.freeze_level_ema["w"], f.frozen_fraction):
+    assert np.all(np.isfinite(x))
+  assert f.freeze_prev_levels["w"].dtype == jnp.int8
+
+
 def test_threshold_schedule_zero_is_off():
   """threshold 0 (Nagel's warm start) tracks, freezes nothing, keeps the level EMA."""
   rng = np.random.default_rng(4)
@@ -257,6 +276,11 @@ def test_bad_input():
     talr.freeze_oscillations(lambda p: {"w": None, "b": None}, centers_fn, 0.1).init(params)
   with pytest.raises(ValueError, match="centers_fn returned a pytree whose structure"):
     talr.freeze_oscillations(levels_fn, lambda p, levels=None: [p["w"]], 0.1).init(params)
+  ignores_levels = lambda p, levels=None: {"w": p["w"][:1], "b": None} if levels is not None \
+      else centers_fn(p)
+  tx = talr.freeze_oscillations(levels_fn, ignores_levels, 0.1)
+  with pytest.raises(ValueError, match=r"centers_fn\(params, levels\) returned Array"):
+    tx.update(params, tx.init(params), params)
   tx = talr.freeze_oscillations(levels_fn, centers_fn, 0.1)
   with pytest.raises(ValueError, match="needs them"):
     tx.update(params, tx.init(params))
