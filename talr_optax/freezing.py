@@ -175,9 +175,7 @@ def freeze_oscillations(
   a = 1.0 - ema_momentum  # the reference code's momentum: the weight of the new value
 
   def init_fn(params):
-    layout, levels = _layout.at_init(levels_fn, params, name="freeze_oscillations",
-                                     layer_axes=layer_axes, sample_size=None,
-                                     global_rate=False)
+    layout, levels, _ = _groups(levels_fn, params, layer_axes, init=True)
     _check_centers(params)
     per_weight = lambda fn: layout.treedef.unflatten([
         None if q is None else fn(levels[q.position]) for q in layout.leaves])
@@ -205,10 +203,8 @@ def freeze_oscillations(
       raise ValueError(
           "state must be the FreezeOscillationsState of this transformation, got"
           f" {type(state).__name__}: was the state made by another optimizer?")
-    levels, treedef = _layout.call_levels_fn(levels_fn, params)
-    layout = _layout.build(levels, treedef, params, layer_axes=layer_axes,
-                           sample_size=None, global_rate=False)
-    stored = [_layout.match(treedef, tree, "stored freezing state") for tree in (
+    layout, levels, treedef = _groups(levels_fn, params, layer_axes, init=False)
+    stored = [_match(treedef, tree, "stored freezing state") for tree in (
         state.freeze_prev_levels, state.freeze_direction, state.freeze_frequency,
         state.freeze_level_ema, state.frozen)]
     thr = jnp.asarray(threshold_fn(state.freeze_count), _EMA_DTYPE)
@@ -224,8 +220,8 @@ def freeze_oscillations(
                               "snap"), step):
         new[name][i] = value
     center_leaves = _frozen_centers(centers_fn, params, treedef, new["target"])
-    param_leaves = _layout.match(treedef, params, "params")
-    update_leaves = _layout.match(treedef, updates, "updates")
+    param_leaves = _match(treedef, params, "params")
+    update_leaves = _match(treedef, updates, "updates")
     masked, snapped, snaps = [], [], []
     for i, (g, p, c) in enumerate(zip(update_leaves, param_leaves, center_leaves)):
       frozen, snap = new["frozen"][i], new["snap"][i]
@@ -243,7 +239,7 @@ def freeze_oscillations(
         treedef.unflatten(masked), state.inner_state, treedef.unflatten(snapped),
         **extra_args)
     final = [u if s is None else jnp.where(f, s, u).astype(u.dtype)
-             for u, s, f in zip(_layout.match(treedef, inner_updates, "inner's updates"),
+             for u, s, f in zip(_match(treedef, inner_updates, "inner's updates"),
                                 snaps, new["frozen"])]
     frozen_leaves = [new["frozen"][q.position] for q in layout.leaves if q is not None]
     return treedef.unflatten(final), FreezeOscillationsState(
@@ -253,12 +249,41 @@ def freeze_oscillations(
         freeze_frequency=treedef.unflatten(new["frequency"]),
         freeze_level_ema=treedef.unflatten(new["ema"]),
         frozen=treedef.unflatten(new["frozen"]),
-        frozen_fraction=_layout.group_means(layout, frozen_leaves),
+        frozen_fraction=_frozen_fraction(layout, frozen_leaves),
         rate_names=state.rate_names,
         inner_state=inner_state,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The one place that uses the private layout of the rate groups: which leaves
+# are quantized, their names, the per-group means.
+def _groups(levels_fn: LevelsFn, params: Any, layer_axes: Any, *, init: bool
+            ) -> tuple[_layout.Layout, list[Any], Any]:
+  """The layout, the int8 levels leaves of ``params`` and the levels' treedef."""
+  measure = dict(layer_axes=layer_axes, sample_size=None, global_rate=False)
+  if init:
+    layout, levels = _layout.at_init(levels_fn, params, name="freeze_oscillations",
+                                     **measure)
+    return layout, levels, layout.treedef
+  levels, treedef = _layout.call_levels_fn(levels_fn, params)
+  return _layout.build(levels, treedef, params, **measure), levels, treedef
+
+
+def _frozen_fraction(layout: _layout.Layout, frozen: list[jax.Array]) -> jax.Array:
+  """The fraction of frozen weights of each rate group (float32 vector)."""
+  return _layout.group_means(layout, frozen)
+
+
+def _match(treedef: Any, tree: Any, what: str) -> list[Any]:
+  """Subtrees of ``tree`` at the leaves of the levels."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"freeze_oscillations: the {what} do not have the structure of the levels"
+        f" levels_fn returns for the params. ({e})") from None
 
 
 def _frozen_centers(centers_fn: CentersFn, params: Any, treedef: Any, targets: list[Any]
