@@ -48,19 +48,22 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
   """
   cfg, model, machine = results["config"], results["model"], results["machine"]
   rows = results["summary"]
+  label = {r["arm"]: r["label"] for r in rows}
+  load = machine.get("load_average_start")
   n_seeds = max(len(r["seeds"]) for r in rows)
   kind = ("smoke run (`--quick`): a tiny model and short runs, not evidence"
           if cfg.get("quick") else "full run")
   lines = [
-      f"From `{source}` ({kind}): `TransformerLM` width {model['width']}, {model['layers']} "
-      f"layers, {model['quantized_parameters']:,} of its {model['parameters']:,} weights "
+      f"From `{source}` ({kind}): `TransformerLM` width {model['width']}, "
+      f"{model['layers']} layer{'s' if model['layers'] > 1 else ''}, {model['quantized_parameters']:,} of its {model['parameters']:,} weights "
       f"quantized; {cfg['fp_steps']} pretraining steps, {cfg['steps']} QAT steps; each arm's "
       f"knob tuned on seed 0 over {max(len(a['values']) for a in results['arms'])} values, then "
       f"{n_seeds} other seeds. Validation bits per byte (mean ± std over seeds); "
       "the paired difference to the best baseline with its 95 % t-interval decides the "
       "conclusion. The full-precision reference is trained as long as pretraining plus QAT. "
       f"{results['seconds'] / 60:.0f} minutes on {machine['cpu_count']} cores "
-      f"({machine['cpu_model']}, oneDNN ISA {machine.get('onednn_max_cpu_isa')}).",
+      f"({machine['cpu_model']}, oneDNN ISA {machine.get('onednn_max_cpu_isa')}"
+      + (f", 1-minute load {load[0]:.1f} at the start" if load else "") + ").",
       "",
       "| bits | arm | tuned | bits per byte | vs best baseline (95 % CI) | conclusion | "
       "\\|K-R\\|/R0 | late osc. | frozen |",
@@ -70,7 +73,7 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
     diff = ""
     if r["paired_diff_ci95"] is not None:
       low, high = r["paired_diff_ci95"]
-      diff = f"{r['paired_diff_vs_best_baseline']:+.4f} [{low:+.4f}, {high:+.4f}] ({r['best_baseline']})"
+      diff = f"{r['paired_diff_vs_best_baseline']:+.4f} [{low:+.4f}, {high:+.4f}] ({label[r['best_baseline']]})"
     lines.append(
         f"| {_bits(r)} | {r['label']} | {r['knob']} {r['tuned_value']:g} | "
         f"{r['mean']:.4f} ± {r['std']:.4f} | {diff} | {r['conclusion'] or ''} | "
@@ -82,7 +85,7 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
       low, high = r["paired_diff_ci95"]
       verdict = {"better": "wins against", "worse": "loses to"}.get(
           r["conclusion"], "shows no detectable difference from")
-      lines.append(f"- {_bits(r)}: {r['label']} {verdict} {r['best_baseline']} "
+      lines.append(f"- {_bits(r)}: {r['label']} {verdict} {label[r['best_baseline']]} "
                    f"({r['paired_diff_vs_best_baseline']:+.4f} bits/byte, 95 % CI "
                    f"[{low:+.4f}, {high:+.4f}], lower on {r['better_on_seeds']} of "
                    f"{len(r['seeds'])} seeds).")
