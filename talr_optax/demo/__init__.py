@@ -40,7 +40,9 @@ _EXPORTS = {
     "build_parser": "cli",
     "config_from_args": "cli",
     "main": "cli",
-    "run": "runs",
+    "run": "runner",
+    "train_arm": "runner",
+    "task_of": "runner",
     "RunStore": "store",
     "Interrupted": "train",
 }
