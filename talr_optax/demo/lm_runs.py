@@ -166,14 +166,14 @@ def print_tables(cfg: LMConfig, results: dict[str, Any]) -> None:
   from rich.table import Table  # pylint: disable=import-outside-toplevel
 
   console = runner.console()
-  sweep = Table(title=f"Baseline learning-rate sweep ({cfg.labels['sgd']}, seed 0)")
+  sweep = Table()
   for col in ("bits", "peak lr", "val bits/byte", "mean |K-R|/R0", "late osc. freq.", ""):
     sweep.add_column(col, justify="right", no_wrap=True)
   for r in results["sweep"]:
     sweep.add_row(f"W{r['bits']}", f"{r['learning_rate']:.1e}", f"{r['final_bits_per_byte']:.4f}",
                   f"{r['tracking_error']:.3f}", f"{r['late_oscillation_frequency']:.2e}",
                   "chosen" if r["chosen"] else "")
-  console.print(sweep)
+  runner.print_table(f"Baseline learning-rate sweep ({cfg.labels['sgd']}, seed 0)", sweep)
   fp = results["pretraining"]["final_bits_per_byte"]
   runner.summary_table(
       f"QAT of a byte-level transformer on the stdlib, {cfg.steps} steps, validation bits "

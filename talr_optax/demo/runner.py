@@ -300,7 +300,7 @@ def summary_table(title: str, rows: list[dict[str, Any]], score: Score,
   """Prints the rows of :func:`summarize` as a table (:func:`print_terms` explains its terms)."""
   from rich.table import Table  # pylint: disable=import-outside-toplevel
   out = console()
-  table = Table(title=title)
+  table = Table()
   with_lr = any("learning_rate" in r for r in rows)
   columns = ("bits", "optimizer") + (("peak lr",) if with_lr else ()) + (
       "seeds", score.label, "mean |K-R|/R0", "late osc. freq.", "mean md2tp")
@@ -316,6 +316,13 @@ def summary_table(title: str, rows: list[dict[str, Any]], score: Score,
               f"{r['tracking_error_mean']:.3f}", f"{r['late_oscillation_frequency_mean']:.2e}",
               f"{r['md2tp_mean']:.3f}"]
     table.add_row(*cells)
+  print_table(title, table)
+
+
+def print_table(title: str, table: Any) -> None:
+  """Prints ``title`` on a line of its own (never wrapped into the table's width), then ``table``."""
+  out = console()
+  out.print(title, soft_wrap=True)
   out.print(table)
 
 
