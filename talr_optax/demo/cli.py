@@ -96,9 +96,9 @@ def _existing_or_new_directory(flag: str) -> Callable[[str], str]:
           what = "is a file" if p == path else f"is inside {p}, a file"
           raise ValueError(f"{flag} must be a directory, but {text} {what}")
         if (why := _writable(p)) is not None:
-          what = "" if p == path else f" (its parent {p} exists)"
+          what = "is not writable" if p == path else f"cannot be created in {p}"
           raise ValueError(f"{flag} must be a directory this process can write, but "
-                           f"{p} is not writable{what}: {why}")
+                           f"{text} {what} ({why})")
         break
     return text
 

@@ -10,7 +10,8 @@ Layout of the directory::
 
 Checkpoints are written by Orbax's ``CheckpointManager``; :class:`Checkpoints`
 adds only the three checks it lacks (see there). The rest is the demo's,
-not a checkpoint's: ``config.json``, the lock and the finished records. Orbax is imported only when a :class:`Checkpoints` is created.
+not a checkpoint's: ``config.json``, the lock and the finished records.
+Orbax is imported only when a :class:`Checkpoints` is created.
 """
 
 from __future__ import annotations
