@@ -335,7 +335,7 @@ def assert_readable_in_a_file(printed: str, rows: int) -> None:
   # A progress bar's glyphs appear in the tables' header borders only.
   assert all(line.lstrip()[0] in "┏┡" for line in lines if "━" in line)
   # Row lines of the summary: all 8 cells (bits ... md2tp) between the borders.
-  cells = [line.split("│")[1:-1] for line in lines if "±" in line]
+  cells = [line.split("│")[1:-1] for line in lines if "±" in line and "│" in line]
   assert len(cells) == rows and all(len(c) >= 7 and all(x.strip() for x in c) for c in cells)
   assert any(line.startswith("md2tp: distance of a quantized weight") for line in lines)
   assert any(line.startswith("late osc. freq.: mean oscillation frequency") for line in lines)

@@ -1,9 +1,14 @@
 """The command line, ``python -m talr_optax.demo [flags]``.
 
 Every flag is checked here, before any work starts: a bad value exits with
-status 2 and a message naming the flag and what it accepts. The one check
-that needs the data (``--batch-size`` against the training-set size) runs as
-soon as the data is loaded, before any training, with the same status.
+status 2 and a message naming the flag and what it accepts. That includes
+an ``--out`` or ``--checkpoint-dir`` this process cannot write (tried with a
+temporary file), and ``--task lm`` sizes whose activations would not fit in
+the machine's memory (:func:`talr_optax.demo.lm_config.activation_bytes`).
+The one check that needs the data (``--batch-size`` against the
+training-set size) runs as soon as the data is loaded, before any training,
+with the same status. Without the ``demo`` extra the command says which
+modules are missing and how to install them (status 1).
 """
 
 from __future__ import annotations
