@@ -1,9 +1,10 @@
 """The runner every task shares: one run per arm, the record, summary, output.
 
-A task (:data:`TASKS`: the image classifiers of :mod:`~talr_optax.demo.runs`,
-the language model of :mod:`~talr_optax.demo.lm_runs`) contributes its data,
-model, optimizer arms and training step, and the order of its runs. The
-runner holds what does not depend on the task, once:
+A task (a :class:`TaskDef`, from :func:`task_of`: the image classifiers of
+:mod:`~talr_optax.demo.runs`, the language model of
+:mod:`~talr_optax.demo.lm_runs`) contributes its data, model, optimizer arms
+and training step, and the order of its runs. The runner holds what does not
+depend on the task, once:
 
 * :func:`append_traces`: the per-step traces (``k``, ``K``, ``R``, ``U``,
   ``lr``, ``loss``, ``osc``) from the metrics of the compiled steps;
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -471,5 +471,5 @@ def run(cfg: Any, **procedure_kwargs: Any) -> dict[str, Any]:
   task.print_tables(cfg, results)
   print_terms()
   print(f"wrote {out / 'results.json'} and {len(figures)} figures to {out}/ "
-        f"in {results['seconds']:.0f} s", file=sys.stdout)
+        f"in {results['seconds']:.0f} s")
   return results
