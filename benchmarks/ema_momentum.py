@@ -9,7 +9,7 @@ model, data, pretraining and optimizer, from ``talr_optax.demo.lm_train``) at
 several run lengths, each with
 
 * ``rule``: :func:`talr_optax.ema_momentum_for` of the run's length
-  (``1 - 1/min(100, T/50)``: 0.95 at 1000 steps, 0.9875 at 4000),
+  (``1 - 1/h``, ``h = T/50`` clipped to ``[10, 100]``: 0.95 at 1000 steps, 0.9875 at 4000),
 * the fixed values 0.99 and 0.95,
 
 and reports per length the tracking error ``|K - R| / R_0`` and the final
@@ -52,13 +52,12 @@ def candidates(steps: int) -> dict[str, float]:
 def run(lengths: Sequence[int], seeds: int, bits: int, fp_steps: int,
         eval_every: int) -> dict[str, Any]:
   """Trains every (length, momentum, seed) run; returns the JSON-ready results."""
-  from talr_optax.demo import lm_data, lm_train  # pylint: disable=import-outside-toplevel
-  from talr_optax.demo.lm_config import VAL_EVERY, LMConfig  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo import lm_train, runner  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo.lm_config import LMConfig  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   base = LMConfig(fp_steps=fp_steps, eval_every=eval_every)
-  corpus = lm_data.load_stdlib(val_every=VAL_EVERY, min_bytes=base.context + 1)
-  val = lm_data.fixed_windows(corpus.val, base.context + 1, base.eval_windows)
-  fp_model, pretraining = lm_train.pretrain(base, corpus, val, 0)
+  data = lm_train.load(base)
+  fp_model, pretraining = lm_train.pretrain(base, data, 0)
   runs, rows = [], []
   for steps in lengths:
     by_value: dict[float, dict[int, dict[str, float]]] = {}
@@ -68,7 +67,7 @@ def run(lengths: Sequence[int], seeds: int, bits: int, fp_steps: int,
       cfg = LMConfig(fp_steps=fp_steps, eval_every=eval_every, steps=steps, ema_momentum=m)
       by_value[m] = {}
       for seed in range(seeds):
-        r = lm_train.run_qat(cfg, corpus, val, fp_model, bits, seed, "talr")
+        r = runner.train_arm("lm", cfg, data, fp_model, bits=bits, seed=seed, method="talr")
         rec = {"steps": steps, "ema_momentum": m, "seed": seed,
                "final_bits_per_byte": r["final_bits_per_byte"],
                "tracking_error": r["tracking_error"]}

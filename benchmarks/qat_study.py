@@ -187,31 +187,28 @@ QUICK = dict(bits=(2,), seeds=2, steps=60, fp_steps=100, width=32, layers=1, con
 
 
 def _demo():
-  from talr_optax.demo import lm_data, lm_train  # pylint: disable=import-outside-toplevel
-  from talr_optax.demo import train as demo_train  # pylint: disable=import-outside-toplevel
-  from talr_optax.demo.lm_config import VAL_EVERY, LMConfig  # pylint: disable=import-outside-toplevel
-  return lm_data, lm_train, demo_train, VAL_EVERY, LMConfig
+  from talr_optax.demo import lm_data, lm_train, runner  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo.lm_config import LMConfig  # pylint: disable=import-outside-toplevel
+  return lm_data, lm_train, runner, LMConfig
 
 
 def lm_config(cfg: StudyConfig) -> Any:
   """The demo's ``LMConfig`` of the study's model, batches and pretraining."""
-  *_, LMConfig = _demo()
+  LMConfig = _demo()[3]
   return LMConfig(bits=cfg.bits, seeds=cfg.seeds, steps=cfg.steps, fp_steps=cfg.fp_steps,
                   batch_size=cfg.batch_size, context=cfg.context, width=cfg.width,
                   layers=cfg.layers, heads=cfg.heads, lr=cfg.lr, fp_lr=cfg.fp_lr,
                   eval_every=cfg.eval_every, eval_windows=cfg.eval_windows)
 
 
-def load_data(cfg: StudyConfig) -> tuple[Any, np.ndarray]:
-  """The standard library's bytes and the fixed validation windows, as the demo's."""
-  lm_data, _, _, val_every, _ = _demo()
-  corpus = lm_data.load_stdlib(val_every=val_every, min_bytes=cfg.context + 1)
-  return corpus, lm_data.fixed_windows(corpus.val, cfg.context + 1, cfg.eval_windows)
+def load_data(cfg: StudyConfig) -> Any:
+  """The demo's data: the standard library's bytes and the fixed validation windows."""
+  return _demo()[1].load(lm_config(cfg))
 
 
-def pretrain(cfg: StudyConfig, corpus: Any, val: np.ndarray) -> tuple[nnx.Module, dict]:
+def pretrain(cfg: StudyConfig, data: Any) -> tuple[nnx.Module, dict]:
   """The demo's full-precision pretraining (seed 0)."""
-  return _demo()[1].pretrain(lm_config(cfg), corpus, val, 0)
+  return _demo()[1].pretrain(lm_config(cfg), data, 0)
 
 
 def make_model(cfg: StudyConfig, bits: Optional[int], seed: int) -> nnx.Module:
@@ -226,9 +223,9 @@ def bits_per_byte(model: nnx.Module, windows: np.ndarray) -> float:
   return _demo()[1].bits_per_byte(model, windows)
 
 
-def windows_for(cfg: StudyConfig, corpus: Any, length: int, rng: np.random.Generator
+def windows_for(cfg: StudyConfig, data: Any, length: int, rng: np.random.Generator
                 ) -> np.ndarray:
-  return _demo()[0].random_windows(corpus.train, length, cfg.batch_size, rng)
+  return _demo()[0].random_windows(data.corpus.train, length, cfg.batch_size, rng)
 
 
 def step_metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -238,6 +235,10 @@ def step_metrics(opt_state: Any) -> dict[str, jax.Array]:
 
 def tracking_error(trace: dict[str, list[float]], r0: float) -> float:
   return _demo()[2].tracking_error(trace, r0)
+
+
+def late_oscillation(trace: dict[str, list[float]]) -> float:
+  return _demo()[2].late_oscillation_frequency(trace)
 
 
 # ---------------------------------------------------------------------------
@@ -362,15 +363,14 @@ def train_step(run: Run, model: nnx.Module, opt_state: Any, knobs: jax.Array,
   return loss, opt_state, m
 
 
-def train_run(cfg: StudyConfig, corpus: Any, val: np.ndarray, fp_model: nnx.Module,
+def train_run(cfg: StudyConfig, data: Any, fp_model: nnx.Module,
               arm: str, bits: Optional[int], seed: int, knob: float, base: float = 0.0
               ) -> dict[str, Any]:
   """One run from the pretrained model: its record for ``results.json``.
 
   Args:
     cfg: the study's settings.
-    corpus: the training bytes.
-    val: the validation windows.
+    data: the demo's corpus and validation windows.
     fp_model: the pretrained model (not modified).
     arm: the arm's name.
     bits: weight bits (``None`` for the full-precision reference).
@@ -387,7 +387,7 @@ def train_run(cfg: StudyConfig, corpus: Any, val: np.ndarray, fp_model: nnx.Modu
   tnnx.load_full_precision(model, fp_model)
   rng = np.random.default_rng(seed)
   if bits is not None:
-    tnnx.calibrate(model, jnp.asarray(windows_for(cfg, corpus, cfg.context, rng)))
+    tnnx.calibrate(model, jnp.asarray(windows_for(cfg, data, cfg.context, rng)))
   run = Run(arm, bits, cfg.steps, cfg.lr)
   knobs = jnp.asarray([knob, base], jnp.float32)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -400,7 +400,7 @@ def train_run(cfg: StudyConfig, corpus: Any, val: np.ndarray, fp_model: nnx.Modu
     chunk = min(cfg.eval_every, cfg.steps - done)
     pending = []
     for _ in range(chunk):
-      w = jnp.asarray(windows_for(cfg, corpus, cfg.context + 1, rng))
+      w = jnp.asarray(windows_for(cfg, data, cfg.context + 1, rng))
       loss, opt_state, m = train_step(run, model, opt_state, knobs, w)
       pending.append((loss, m))
     for loss, m in jax.device_get(pending):  # one transfer per chunk
@@ -409,7 +409,7 @@ def train_run(cfg: StudyConfig, corpus: Any, val: np.ndarray, fp_model: nnx.Modu
         trace.setdefault(key, []).append(float(value))
     done += chunk
     evals["step"].append(done)
-    evals[METRIC].append(bits_per_byte(model, val))
+    evals[METRIC].append(bits_per_byte(model, data.val))
   record = {"arm": arm, "bits": bits, "seed": seed, "knob": knob, "base": base,
             "final": evals[METRIC][-1], "evals": evals}
   if bits is None:
@@ -420,11 +420,10 @@ def train_run(cfg: StudyConfig, corpus: Any, val: np.ndarray, fp_model: nnx.Modu
   r0 = lam * math.sqrt(bits)
   if "R" not in trace:  # a baseline: its K against the default target; entry n after update n
     trace["R"] = np.asarray(target(run, lam)(jnp.arange(1, cfg.steps + 1))).tolist()
-  late = trace["osc"][-max(1, len(trace["osc"]) // 10):]
   return record | {
       "r0": r0,
       "tracking_error": tracking_error(trace, r0),
-      "late_oscillation": float(np.mean(late)),
+      "late_oscillation": late_oscillation(trace),
       "frozen_fraction": trace["frozen"][-1] if "frozen" in trace else None,
       "trace": {k: v[::_TRACE_EVERY] for k, v in trace.items() if k in ("loss", "K", "R",
                                                                           "osc", "frozen")},
@@ -499,10 +498,10 @@ def summarize(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[di
 def study(cfg: StudyConfig) -> dict[str, Any]:
   """Runs the study; returns the results (without ``machine``)."""
   start = time.perf_counter()
-  corpus, val = load_data(cfg)
+  data = load_data(cfg)
   print(f"pretraining {cfg.fp_steps} steps", flush=True)
-  fp_model, pretraining = pretrain(cfg, corpus, val)
-  qat = functools.partial(train_run, cfg, corpus, val, fp_model)
+  fp_model, pretraining = pretrain(cfg, data)
+  qat = functools.partial(train_run, cfg, data, fp_model)
   runs, tuning_runs, rows = [], [], []
   eval_seeds = range(1, cfg.seeds + 1)
   for bits in (None, *cfg.bits):
@@ -523,7 +522,7 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
       "arms": [dataclasses.asdict(a) for a in cfg.specs()],
       "freeze_ema_momentum": FREEZE_EMA_MOMENTUM,
       "ema_momentum_adamwt": talr.ema_momentum_for(cfg.steps),
-      "data": corpus.facts,
+      "data": data.corpus.facts,
       "model": model_facts(cfg),
       "pretraining": {"steps": cfg.fp_steps, "final_" + METRIC: pretraining["final_bits_per_byte"],
                       "evals": pretraining["evals"]},

@@ -21,9 +21,10 @@ __all__ = ["initial_target", "cosine_target", "TargetSchedule", "ema_momentum_fo
 
 # The paper's EMA momentum: K averages over about 100 steps.
 DEFAULT_EMA_MOMENTUM = 0.99
-# The rule's horizon 1 / (1 - m) is this fraction of the run, capped at the paper's 100 steps.
+# The rule's horizon 1 / (1 - m) is this fraction of the run, between 10 steps (the count of
+# one step is noisy: K must average several) and the paper's 100.
 _HORIZON_FRACTION = 1 / 50
-_MAX_HORIZON = 100.0
+_MIN_HORIZON, _MAX_HORIZON = 10.0, 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,20 +50,21 @@ class TargetSchedule:
 def ema_momentum_for(total_steps: int) -> float:
   """The EMA momentum of ``K`` for a run of ``total_steps`` steps.
 
-  ``m = 1 - 1/h`` with the horizon ``h = min(100, T / 50)`` (at least 1): ``K``
-  averages over 2 % of the run, or over the paper's 100 steps (``m = 0.99``)
-  in runs of 5000 steps and more. A longer horizon lags the falling cosine
-  target in a short run (``U`` changes by at most 1 % per step); a shorter one
-  follows the noise of the per-step count.
+  ``m = 1 - 1/h`` with the horizon ``h = T / 50`` clipped to ``[10, 100]``:
+  ``K`` averages over 2 % of the run, over the paper's 100 steps (``m =
+  0.99``) in runs of 5000 steps and more, and over at least 10 steps (``m =
+  0.9``) in runs of 500 steps and fewer. A longer horizon lags the falling
+  cosine target in a short run (``U`` changes by at most 1 % per step); a
+  shorter one follows the noise of the per-step count.
 
   Args:
     total_steps: ``T``, the run's length (an int > 0).
 
   Returns:
-    ``m`` in ``[0, 0.99]``: 0.95 for ``T = 1000``, 0.99 for ``T >= 5000``.
+    ``m`` in ``[0.9, 0.99]``: 0.95 for ``T = 1000``, 0.99 for ``T >= 5000``.
   """
   total_steps = _checks.check_int("total_steps", total_steps, 1)
-  horizon = min(_MAX_HORIZON, max(1.0, total_steps * _HORIZON_FRACTION))
+  horizon = min(_MAX_HORIZON, max(_MIN_HORIZON, total_steps * _HORIZON_FRACTION))
   return 1.0 - 1.0 / horizon
 
 

@@ -113,9 +113,9 @@ def test_numpy_scalars_accepted():
     np.testing.assert_allclose(float(sched(t)), _closed_form(t, 0.02, T), rtol=2e-6, atol=1e-10)
 
 
-# The EMA momentum rule: m = 1 - 1/h, h = min(100, T / 50), at least 1; written out by hand.
+# The EMA momentum rule: m = 1 - 1/h, h = T / 50 clipped to [10, 100]; written out by hand.
 @pytest.mark.parametrize("steps, want", [
-    (1, 0.0), (50, 0.0), (75, 1 - 1 / 1.5), (100, 0.5), (500, 0.9), (1000, 0.95),
+    (1, 0.9), (100, 0.9), (500, 0.9), (600, 1 - 1 / 12), (1000, 0.95),
     (2000, 0.975), (4000, 0.9875), (5000, 0.99), (450_000, 0.99)])
 def test_ema_momentum_for(steps, want):
   assert schedules.ema_momentum_for(steps) == pytest.approx(want, abs=1e-12)
