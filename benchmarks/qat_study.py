@@ -328,9 +328,14 @@ def optimizer(run: Run, model: nnx.Module, knob: Any, base: Any
 
 
 def frozen_fraction(opt_state: Any) -> Optional[jax.Array]:
-  """Mean over rate groups of the frozen fraction (``None`` without freezing)."""
-  values = [v for k, v in talr.metrics(opt_state).items() if k.startswith("frozen_fraction/")]
-  return jnp.mean(jnp.stack(values)) if values else None
+  """Fraction of all quantized weights that are frozen (``None`` without freezing)."""
+  is_freezing = lambda x: isinstance(x, talr.FreezeOscillationsState)
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_freezing) if is_freezing(s)]
+  masks = [m for s in states for m in jax.tree.leaves(s.frozen)]
+  if not masks:
+    return None
+  return (sum(jnp.sum(m, dtype=jnp.float32) for m in masks)
+          / float(sum(m.size for m in masks)))
 
 
 @functools.partial(nnx.jit, static_argnums=0)
