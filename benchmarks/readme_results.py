@@ -92,9 +92,42 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
   return "\n".join(lines).rstrip()
 
 
+def render_ema_momentum(results: dict[str, Any], source: str) -> str:
+  """The EMA momentum rule against fixed values, per run length.
+
+  Args:
+    results: a ``benchmarks/ema_momentum.py`` results file.
+    source: its path as the README should name it.
+
+  Returns:
+    Markdown (no trailing newline).
+  """
+  lines = [
+      f"From `{source}`: AdamWT W{results['bits']} on the demo's language model, "
+      f"{results['seeds']} seeds; the rule's paired difference to each fixed value "
+      "(95 % t-interval).",
+      "",
+      "| QAT steps | EMA momentum | bits per byte | \\|K-R\\|/R0 | rule minus this: bits per byte "
+      "| rule minus this: \\|K-R\\|/R0 |",
+      "|---|---|---|---|---|---|",
+  ]
+  def diff(row: dict[str, Any], key: str) -> str:
+    if f"rule_minus_this_{key}" not in row:
+      return ""
+    low, high = row[f"rule_minus_this_{key}_ci95"]
+    return f"{row[f'rule_minus_this_{key}']:+.4f} [{low:+.4f}, {high:+.4f}]"
+  for r in results["summary"]:
+    name = f"rule ({r['ema_momentum']:.4g})" if r["candidate"] == "rule" else r["candidate"]
+    lines.append(f"| {r['steps']} | {name} | {r['final_bits_per_byte']:.4f} | "
+                 f"{r['tracking_error']:.3f} | {diff(r, 'final_bits_per_byte')} | "
+                 f"{diff(r, 'tracking_error')} |")
+  return "\n".join(lines)
+
+
 # name -> (default results file relative to the repository root, renderer)
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any], str], str]]] = {
     "qat_study": ("benchmarks/results/qat_study/results.json", render_qat_study),
+    "ema_momentum": ("benchmarks/results/ema_momentum.json", render_ema_momentum),
 }
 
 
