@@ -274,13 +274,13 @@ def target(run: Run, lam: Any) -> talr.TargetSchedule:
 
 
 def _dampening(centers_fn: Any, strength: Any) -> optax.GradientTransformation:
-  """Hook: the remedies' dampening stage (constant ``strength``, may be traced)."""
+  """Oscillation dampening with a constant ``strength`` (a traced scalar: one compile)."""
   return talr.dampen_oscillations(centers_fn, lambda count: strength)
 
 
 def _freezing(levels_fn: Any, centers_fn: Any, threshold: Any, axes: Any
               ) -> optax.GradientTransformation:
-  """Hook: the remedies' freezing stage, last before the monitors (constant threshold)."""
+  """Iterative freezing at a constant (traced) threshold, after the learning rate."""
   return talr.freeze_oscillations(levels_fn, centers_fn, lambda count: threshold,
                                   ema_momentum=FREEZE_EMA_MOMENTUM, layer_axes=axes)
 
