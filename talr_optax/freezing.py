@@ -141,7 +141,8 @@ def freeze_oscillations(
       :func:`talr_optax.centers_fn_from_scales`,
       :func:`talr_optax.nnx.centers_fn_for`.
     threshold: oscillation frequency above which a weight is frozen, a float
-      in ``(0, 1]`` or a schedule (Nagel et al. anneal it with a cosine).
+      in ``(0, 1]`` or a schedule (Nagel et al.'s:
+      ``delayed_cosine_schedule(th0, th1, total_steps, value_before=0.0)``).
     ema_momentum: EMA momentum ``m`` of the frequency and level EMAs, in
       ``[0, 1)``; the reference code's ``momentum`` is ``1 - m`` (its
       command-line default 0.001 is ``ema_momentum=0.999``). Nagel et al.
