@@ -131,9 +131,9 @@ def freeze_oscillations(
 
   Safe behaviour: a threshold schedule's value ``<= 0`` or NaN turns the
   freezing off at that step (tracking goes on). The snap lands on the level
-  centre in the params' dtype; in bfloat16 above 7 bits the rounding of
+  centre in the params' dtype; in bfloat16 at 7 or 8 bits the rounding of
   the centre may leave the weight one level off its frozen level, which is
-  then the level it keeps.
+  then the level it keeps (see docs/oscillations.md).
 
   Args:
     levels_fn: ``params -> levels`` as in :func:`talr_optax.scale_by_talr`.
