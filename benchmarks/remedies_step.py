@@ -74,17 +74,9 @@ def run(sizes, variants, repeats, warmup, seed=0):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-      fn = jax.jit(step, donate_argnums=(0, 1))
-      holder = {"p": jax.tree.map(lambda x: x.copy(), params0)}
-      holder["s"] = tx.init(holder["p"])
-
-      def call(holder=holder, fn=fn):
-        holder["p"], holder["s"] = fn(holder["p"], holder["s"], grads)
-        jax.block_until_ready((holder["p"], holder["s"]))
-
-      for _ in range(1 + warmup):
-        call()
-      runners[v] = call
+      params = jax.tree.map(lambda x: x.copy(), params0)
+      runners[v] = H.stepper(jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params),
+                             grads, warmup)
     load0 = H.loadavg()
     raw = H.time_interleaved(runners, repeats, seed)
     load1 = H.loadavg()
