@@ -3,8 +3,10 @@
 The only part of ``talr_optax`` that imports Flax.
 """
 
+from talr_optax.nnx.batch_norm import reestimate_batch_norm
 from talr_optax.nnx.labels import ACTIVATION_SCALE
 from talr_optax.nnx.labels import BATCH_NORM
+from talr_optax.nnx.labels import centers_fn_for
 from talr_optax.nnx.labels import FULL_PRECISION
 from talr_optax.nnx.labels import LABELS
 from talr_optax.nnx.labels import layer_axes_for
@@ -52,11 +54,13 @@ __all__ = [
     "TransformerLM",
     "WeightScale",
     "calibrate",
+    "centers_fn_for",
     "layer_axes_for",
     "levels_fn_for",
     "load_full_precision",
     "param_labels",
     "quantized_layers",
+    "reestimate_batch_norm",
     "reset_calibration",
     "validate_layer_bits",
 ]
