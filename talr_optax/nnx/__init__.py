@@ -3,6 +3,7 @@
 The only part of ``talr_optax`` that imports Flax.
 """
 
+from talr_optax.nnx.export import export_integer_model
 from talr_optax.nnx.labels import ACTIVATION_SCALE
 from talr_optax.nnx.labels import BATCH_NORM
 from talr_optax.nnx.labels import FULL_PRECISION
@@ -28,6 +29,8 @@ from talr_optax.nnx.models import MobileNetV2Tiny
 from talr_optax.nnx.models import reset_calibration
 from talr_optax.nnx.models import ResNet20
 from talr_optax.nnx.models import SmallCNN
+from talr_optax.nnx.serving import IntegerLayer
+from talr_optax.nnx.serving import integer_model
 from talr_optax.nnx.transformer import TransformerBlock
 from talr_optax.nnx.transformer import TransformerLM
 
@@ -41,6 +44,7 @@ __all__ = [
     "ActivationScale",
     "BasicBlock",
     "Calibrated",
+    "IntegerLayer",
     "InvertedResidual",
     "MobileNetV2Tiny",
     "QuantConv",
@@ -52,6 +56,8 @@ __all__ = [
     "TransformerLM",
     "WeightScale",
     "calibrate",
+    "export_integer_model",
+    "integer_model",
     "layer_axes_for",
     "levels_fn_for",
     "load_full_precision",
