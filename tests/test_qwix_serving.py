@@ -10,13 +10,12 @@ qwix = pytest.importorskip("qwix")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import talr_optax  # noqa: E402
 import talr_optax.qwix as tq  # noqa: E402
 from talr_optax import nnx as tnnx  # noqa: E402
-from _qwix_models import LAYERS, X, Y, Stacked  # noqa: E402
+from _qwix_models import LAYERS, X, Stacked, sgd_steps  # noqa: E402
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "qwix.md"
 WEIGHTS = ("blocks/q/kernel", "blocks/k/kernel", "blocks/mlp/kernel", "head/kernel")
@@ -48,16 +47,8 @@ def trained():
   qt_model = qwix.quantize_model(model, qwix.QtProvider(rules), X)
   levels_fn = tq.levels_fn_from_qwix(qt_model, X)
   tx = talr_optax.sgdt(0.5, 0.01, levels_fn, layer_axes=levels_fn.layer_axes)
-  optimizer = nnx.Optimizer(qt_model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(qt_model, optimizer):
-    loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(X), Y).mean()
-    optimizer.update(qt_model, nnx.grad(loss)(qt_model))
-
   start = levels_fn(nnx.as_pure(nnx.state(qt_model, nnx.Param)))
-  for _ in range(5):
-    step(qt_model, optimizer)
+  sgd_steps(qt_model, steps=5, optimizer=nnx.Optimizer(qt_model, tx, wrt=nnx.Param))
   levels = levels_fn(nnx.as_pure(nnx.state(qt_model, nnx.Param)))
   # Training moved some levels, so the check below is not about initial weights.
   assert any(bool(jnp.any(_leaf(levels, p) != _leaf(start, p))) for p in WEIGHTS)

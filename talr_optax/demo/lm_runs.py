@@ -31,7 +31,7 @@ from flax import nnx
 
 import talr_optax as talr
 from talr_optax import nnx as tnnx
-from talr_optax.demo import lm_data, lm_train, plots, store
+from talr_optax.demo import export, lm_data, lm_train, plots, store
 from talr_optax.demo.config import METHODS
 from talr_optax.demo.lm_config import VAL_EVERY, LMConfig
 
@@ -230,6 +230,7 @@ def run(cfg: LMConfig) -> dict[str, Any]:
   store.write_json_atomic(out / "results.json", results)
   figures = plots.plot_all(results, out)
   print_tables(cfg, results)
+  export.print_reports(runs, "val bits/byte")
   print(f"wrote {out / 'results.json'} and {len(figures)} figures to {out}/ "
         f"in {results['seconds']:.0f} s")
   return results

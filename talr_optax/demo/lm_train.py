@@ -24,7 +24,7 @@ from flax import nnx
 
 import talr_optax as talr
 from talr_optax import nnx as tnnx
-from talr_optax.demo import lm_data
+from talr_optax.demo import export, lm_data
 from talr_optax.demo.config import METHODS
 from talr_optax.demo.lm_config import WEIGHT_DECAY, LMConfig
 from talr_optax.demo.train import TRACE_KEYS, md2tp, step_metrics, tracking_error
@@ -333,7 +333,7 @@ def run_qat(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model
   counts, edges = np.histogram(d, bins=_HIST_BINS, range=(0.0, 0.5), density=True)
   trace = log["trace"]
   late = trace["osc"][-max(1, len(trace["osc"]) // 10):]
-  return {
+  record = {
       "bits": bits,
       "seed": seed,
       "method": method,
@@ -350,3 +350,7 @@ def run_qat(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model
                           "mean": float(np.mean(d))},
       "trace": trace,
   }
+  if method == "talr":
+    record["export"] = export.export_report(model, make_model(cfg, bits, seed),
+                                            lambda m: bits_per_byte(m, val))
+  return record

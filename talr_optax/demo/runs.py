@@ -12,7 +12,7 @@ import jax
 import optax
 
 import talr_optax as talr
-from talr_optax.demo import data, plots, store, summary, train
+from talr_optax.demo import data, export, plots, store, summary, train
 from talr_optax.demo.config import METHODS, DemoConfig
 from talr_optax.demo.tasks import TASKS, Task, check_batch_size, make_model
 
@@ -135,6 +135,7 @@ def run(cfg: DemoConfig, *, interrupt_after: int | None = None) -> dict[str, Any
   store.write_json_atomic(out / "results.json", results)
   figures = plots.plot_all(results, out)
   summary.print_table(cfg, results["summary"])
+  export.print_reports(records, "test accuracy")
   print(f"wrote {out / 'results.json'} and {len(figures)} figures to {out}/ "
         f"in {results['seconds']:.0f} s")
   return results

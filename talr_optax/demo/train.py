@@ -13,7 +13,7 @@ from flax import nnx
 
 import talr_optax as talr
 from talr_optax import nnx as tnnx
-from talr_optax.demo import data, optim
+from talr_optax.demo import data, export, optim
 from talr_optax.demo.config import DemoConfig
 from talr_optax.demo.store import Checkpoints
 from talr_optax.demo.tasks import Task, make_model
@@ -262,4 +262,9 @@ def run_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mo
       last = log.traces["loss"][-steps_per_epoch(cfg, dataset):]
       progress(epoch=epoch + 1, loss=float(np.mean(last)),
                acc=log.accs[-1], U=log.traces["U"][-1], K=log.traces["K"][-1])
-  return _record(run, log, bits, seed, method)
+  record = _record(run, log, bits, seed, method)
+  if method == "talr":
+    record["export"] = export.export_report(
+        run.model, make_model(cfg, bits, seed, dataset.num_classes),
+        lambda model: evaluate(task, model, dataset.test))
+  return record
