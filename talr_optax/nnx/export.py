@@ -6,8 +6,9 @@ step sizes and conventions needed to use them, as a plain pytree: nested
 ``dict`` s keyed like ``nnx.state(model)`` (attribute names, list indices),
 whose leaves are NumPy arrays and Python ints, under ``"params"``, next to
 ``"export_version"``. Orbax saves and restores it, and a serving program
-reads it without ``talr_optax`` (:func:`~talr_optax.nnx.integer_model` is one
-such program, written with ``jax.lax`` only).
+reads it without ``talr_optax`` (the tests serve a small model from an Orbax
+checkpoint in NumPy alone); :func:`~talr_optax.nnx.integer_model` serves any
+model of this package from it.
 
 A quantized layer's entry (at the layer's path under ``"params"``) holds, instead of its float
 ``kernel`` and quantizer state:
