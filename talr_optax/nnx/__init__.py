@@ -4,6 +4,7 @@ The only part of ``talr_optax`` that imports Flax.
 """
 
 from talr_optax.nnx.batch_norm import reestimate_batch_norm
+from talr_optax.nnx.export import export_integer_model
 from talr_optax.nnx.labels import ACTIVATION_SCALE
 from talr_optax.nnx.labels import BATCH_NORM
 from talr_optax.nnx.labels import centers_fn_for
@@ -30,6 +31,8 @@ from talr_optax.nnx.models import MobileNetV2Tiny
 from talr_optax.nnx.models import reset_calibration
 from talr_optax.nnx.models import ResNet20
 from talr_optax.nnx.models import SmallCNN
+from talr_optax.nnx.serving import IntegerLayer
+from talr_optax.nnx.serving import integer_model
 from talr_optax.nnx.transformer import TransformerBlock
 from talr_optax.nnx.transformer import TransformerLM
 
@@ -43,6 +46,7 @@ __all__ = [
     "ActivationScale",
     "BasicBlock",
     "Calibrated",
+    "IntegerLayer",
     "InvertedResidual",
     "MobileNetV2Tiny",
     "QuantConv",
@@ -55,6 +59,8 @@ __all__ = [
     "WeightScale",
     "calibrate",
     "centers_fn_for",
+    "export_integer_model",
+    "integer_model",
     "layer_axes_for",
     "levels_fn_for",
     "load_full_precision",
