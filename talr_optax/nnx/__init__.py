@@ -1,8 +1,15 @@
 """Flax NNX front end of ``talr_optax``: quantized layers, models, optimizer glue.
 
-The only part of ``talr_optax`` that imports Flax.
+The only part of ``talr_optax`` that imports Flax (the ``nnx`` extra:
+``pip install -e ".[nnx]"``).
 """
 
+from talr_optax import _extras
+
+# Before the first Flax import: a core-only install gets the pip command.
+_extras.require("talr_optax.nnx", ("flax",), extra="nnx")
+
+# pylint: disable=wrong-import-position
 from talr_optax.nnx.labels import ACTIVATION_SCALE
 from talr_optax.nnx.labels import BATCH_NORM
 from talr_optax.nnx.labels import FULL_PRECISION
@@ -30,6 +37,7 @@ from talr_optax.nnx.models import ResNet20
 from talr_optax.nnx.models import SmallCNN
 from talr_optax.nnx.transformer import TransformerBlock
 from talr_optax.nnx.transformer import TransformerLM
+# pylint: enable=wrong-import-position
 
 __all__ = [
     "ACCEPTED_BITS",
