@@ -153,6 +153,12 @@ def _check_launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def parse_coordinator(address: str) -> tuple[str, int]:
   """``"host:port"`` (``"[::1]:port"`` for IPv6) as ``(host, port)``.
 
+  Args:
+    address: the ``--coordinator`` value.
+
+  Returns:
+    The host (without brackets) and the port, an int in 1-65535.
+
   Raises:
     ValueError: naming what is wrong with ``address``.
   """
@@ -183,7 +189,7 @@ def _resolve(host: str, port: int, timeout: float) -> list[tuple[Any, ...]]:
                      "give host 0's address or name") from None
   except concurrent.futures.TimeoutError:
     raise SystemExit(f"error: --coordinator host {host!r} did not resolve within "
-                     f"{timeout:.0f} s; give host 0's IP address") from None
+                     f"{timeout:g} s; give host 0's IP address") from None
   finally:
     pool.shutdown(wait=False)
 
@@ -213,6 +219,13 @@ def check_coordinator(host: str, port: int, process_id: int, wait: float,
   and ``port`` free. Every other process waits up to ``wait`` seconds for a
   TCP connection to it (process 0 may start later), saying after a few
   seconds what it waits for.
+
+  Args:
+    host: the coordinator's host, as ``parse_coordinator`` returns it.
+    port: its port.
+    process_id: this process's rank.
+    wait: seconds a process other than 0 waits for the coordinator.
+    resolve_timeout: seconds allowed for resolving ``host``.
 
   Raises:
     SystemExit: with the cause, e.g. a host that does not resolve, a port in
