@@ -1,8 +1,15 @@
 """Flax NNX front end of ``talr_optax``: quantized layers, models, optimizer glue.
 
-The only part of ``talr_optax`` that imports Flax.
+The only part of ``talr_optax`` that imports Flax (the ``nnx`` extra:
+``pip install -e ".[nnx]"``).
 """
 
+from talr_optax import _extras
+
+# Before the first Flax import: a core-only install gets the pip command.
+_extras.require("talr_optax.nnx", ("flax",), extra="nnx")
+
+# pylint: disable=wrong-import-position
 from talr_optax.nnx.batch_norm import reestimate_batch_norm
 from talr_optax.nnx.export import export_integer_model
 from talr_optax.nnx.labels import ACTIVATION_SCALE
@@ -35,6 +42,7 @@ from talr_optax.nnx.serving import IntegerLayer
 from talr_optax.nnx.serving import integer_model
 from talr_optax.nnx.transformer import TransformerBlock
 from talr_optax.nnx.transformer import TransformerLM
+# pylint: enable=wrong-import-position
 
 __all__ = [
     "ACCEPTED_BITS",
