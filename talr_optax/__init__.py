@@ -7,6 +7,7 @@ optimizers (SGDT, AdamT, AdamWT), and the oscillation remedies of Nagel et al.
 (ICML 2022) users compare it with: dampening and iterative freezing. Flax NNX layers live in ``talr_optax.nnx``.
 """
 
+from talr_optax.annealing import delayed_cosine_schedule
 from talr_optax.counting import count_transitions
 from talr_optax.dampening import DampenOscillationsState, dampen_oscillations
 from talr_optax.freezing import FreezeOscillationsState, freeze_oscillations
@@ -52,6 +53,7 @@ __all__ = [
     "cosine_target",
     "count_transitions",
     "dampen_oscillations",
+    "delayed_cosine_schedule",
     "distance_to_transition",
     "ema_momentum_for",
     "fake_quant_activation",

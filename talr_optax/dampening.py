@@ -104,9 +104,9 @@ def dampen_oscillations(centers_fn: CentersFn, strength: optax.ScalarOrSchedule
   ``scale_by_adam`` in a chain with :func:`talr_optax.scale_by_talr`.
 
   Nagel et al. anneal ``lambda`` with a cosine from its initial to its final
-  value after a quarter of training: pass e.g.
-  ``optax.cosine_decay_schedule(...)`` joined with a constant by
-  ``optax.join_schedules``. They clip ``w`` to the quantizer's range in the
+  value after a quarter of training:
+  :func:`talr_optax.delayed_cosine_schedule`. The term is a sum over
+  weights (their ``aggregation="sum"``). They clip ``w`` to the quantizer's range in the
   term, so a weight beyond the outer levels feels no pull; the centres
   functions of this library give such a weight itself as its centre.
 

@@ -88,7 +88,7 @@ def freeze_oscillations(
     centers_fn: CentersFn,
     threshold: optax.ScalarOrSchedule,
     *,
-    ema_momentum: float = 0.99,
+    ema_momentum: float = 0.999,
     layer_axes: Any = None,
     inner: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -131,9 +131,9 @@ def freeze_oscillations(
 
   Safe behaviour: a threshold schedule's value ``<= 0`` or NaN turns the
   freezing off at that step (tracking goes on). The snap lands on the level
-  centre in the params' dtype; in bfloat16 above 7 bits the rounding of
+  centre in the params' dtype; in bfloat16 at 7 or 8 bits the rounding of
   the centre may leave the weight one level off its frozen level, which is
-  then the level it keeps.
+  then the level it keeps (see docs/oscillations.md).
 
   Args:
     levels_fn: ``params -> levels`` as in :func:`talr_optax.scale_by_talr`.
@@ -141,11 +141,13 @@ def freeze_oscillations(
       :func:`talr_optax.centers_fn_from_scales`,
       :func:`talr_optax.nnx.centers_fn_for`.
     threshold: oscillation frequency above which a weight is frozen, a float
-      in ``(0, 1]`` or a schedule (Nagel et al. anneal it with a cosine).
+      in ``(0, 1]`` or a schedule (Nagel et al.'s:
+      ``delayed_cosine_schedule(th0, th1, total_steps, value_before=0.0)``).
     ema_momentum: EMA momentum ``m`` of the frequency and level EMAs, in
-      ``[0, 1)``; the reference code's ``momentum`` is ``1 - m`` (its
-      command-line default 0.001 is ``ema_momentum=0.999``). Nagel et al.
-      advise ``1 - m`` at most a third to a half of the threshold.
+      ``[0, 1)``; the reference code's ``momentum`` is ``1 - m``, and the
+      default 0.999 is its default 0.001 (an average over about 1000
+      updates: a short run needs less). Nagel et al. advise ``1 - m`` at
+      most a half to a third of the threshold.
     layer_axes: as in :func:`talr_optax.scale_by_talr`: the frozen fraction
       is reported per layer of a stacked tensor.
     inner: the stage that applies the learning rate (e.g.

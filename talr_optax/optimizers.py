@@ -119,7 +119,7 @@ def sgdt(
     sample_size: Optional[int] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
     centers_fn: Any = None,
-    freeze_ema_momentum: float = 0.99,
+    freeze_ema_momentum: float = 0.999,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum whose quantized weights move by TALR (SGDT).
 
@@ -153,7 +153,8 @@ def sgdt(
     centers_fn: with ``freeze_threshold``: the centres function of the
       quantizer (e.g. :func:`talr_optax.centers_fn_from_scales`).
     freeze_ema_momentum: with ``freeze_threshold``: the ``ema_momentum`` of
-      the freezing's oscillation and level EMAs.
+      the freezing's oscillation and level EMAs (default 0.999, the
+      reference code's).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -195,7 +196,7 @@ def adamt(
     sample_size: Optional[int] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
     centers_fn: Any = None,
-    freeze_ema_momentum: float = 0.99,
+    freeze_ema_momentum: float = 0.999,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam whose quantized weights move by TALR (AdamT).
 
@@ -231,7 +232,7 @@ def adamwt(
     sample_size: Optional[int] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
     centers_fn: Any = None,
-    freeze_ema_momentum: float = 0.99,
+    freeze_ema_momentum: float = 0.999,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose quantized weights move by TALR (AdamWT).
 

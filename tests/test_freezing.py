@@ -287,3 +287,25 @@ def test_bad_input():
   with pytest.raises(ValueError, match="FreezeOscillationsState"):
     tx.update(params, optax.EmptyState(), params)
   jax.eval_shape(tx.init, params)
+
+
+def test_masked_and_inject_hyperparams():
+  levels_fn, centers_fn = _setup()
+  params = {"w": jnp.linspace(-1, 1, 6), "b": jnp.zeros(2)}
+  ones = jax.tree.map(jnp.ones_like, params)
+  masked = optax.masked(talr.freeze_oscillations(levels_fn, centers_fn, 0.1),
+                        {"w": True, "b": False})
+  upd, _ = masked.update(ones, masked.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, upd, ones)
+  damp = optax.masked(talr.dampen_oscillations(centers_fn, 0.1), {"w": True, "b": False})
+  upd, _ = damp.update(ones, damp.init(params), params)
+  # Centres -1, -0.5, 0, 0, and the two weights past the top level are their own.
+  np.testing.assert_allclose(upd["w"], 1 + 0.2 * np.array([0, -0.1, -0.2, 0.2, 0, 0]),
+                             rtol=1e-6)
+  injected = optax.inject_hyperparams(
+      talr.freeze_oscillations, static_args=("levels_fn", "centers_fn", "inner"))(
+          levels_fn, centers_fn, 0.1, ema_momentum=0.9)
+  state = injected.init(params)
+  upd, state = injected.update(ones, state, params)
+  assert float(state.hyperparams["threshold"]) == pytest.approx(0.1)
+  jax.tree.map(np.testing.assert_array_equal, upd, ones)

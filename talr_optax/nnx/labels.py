@@ -25,6 +25,7 @@ optimizer to schedule each layer slice on its own.
 
 from __future__ import annotations
 
+import sys
 import typing as tp
 
 import jax
@@ -61,11 +62,43 @@ def _map_with_path(fn: tp.Callable[[str, tp.Any], tp.Any], tree: tp.Any) -> tp.A
       lambda path, x: fn(_tree.path_str(path), x), tree, is_leaf=_tree.is_leaf)
 
 
+# What to call instead when a model was quantized by Qwix, not by our layers.
+_QWIX_INSTEAD = {
+    "levels_fn_for": (
+        "use levels_fn = talr_optax.qwix.levels_fn_from_qwix(qt_model, x) "
+        "(x: example inputs)"),
+    "layer_axes_for": (
+        "use the layer_axes method of the Qwix levels function: levels_fn = "
+        "talr_optax.qwix.levels_fn_from_qwix(qt_model, x), then "
+        "sgdt(..., levels_fn, layer_axes=levels_fn.layer_axes)"),
+    "param_labels": (
+        "give sgdt/adamt/adamwt all params with levels_fn = "
+        "talr_optax.qwix.levels_fn_from_qwix(qt_model, x): it returns None for "
+        "the weights Qwix does not quantize, which then follow learning_rate"),
+}
+
+
+def _is_qwix_model(model: tp.Any) -> bool:
+  """Whether ``qwix.quantize_model`` returned ``model``; never imports Qwix itself."""
+  if sys.modules.get("qwix") is None:  # no Qwix model can exist without Qwix
+    return False
+  from talr_optax.qwix import _internals  # pylint: disable=g-import-not-at-top
+  return _internals.is_qwix_model(model)
+
+
 def _check_module(model: tp.Any, owner: str) -> None:
   if not isinstance(model, nnx.Module):
     raise TypeError(
         f"{owner}: model must be an nnx.Module (e.g. a SmallCNN, or any module with "
         f"QuantConv/QuantLinear layers), got model of type {type(model).__name__}."
+    )
+  if _is_qwix_model(model):
+    # Qwix quantizes plain Flax layers; read here, they would all look full
+    # precision and unstacked.
+    raise TypeError(
+        f"{owner}: model was quantized by qwix.quantize_model; {owner} reads "
+        "talr_optax.nnx's QuantConv/QuantLinear layers and does not see which "
+        f"weights Qwix quantizes. For a Qwix model, {_QWIX_INSTEAD[owner]}."
     )
 
 
@@ -144,7 +177,8 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
     kernels, ``None`` for everything else.
 
   Raises:
-    TypeError: if ``model`` is not an ``nnx.Module``.
+    TypeError: if ``model`` is not an ``nnx.Module``, or was quantized by
+      ``qwix.quantize_model`` (use :func:`talr_optax.qwix.levels_fn_from_qwix`).
     ValueError: if ``model`` has no quantized kernel or one stacked over more
       than one axis; from ``levels_fn``, if ``params`` hold none of the
       model's quantized kernels, or one with another shape.
@@ -296,8 +330,8 @@ def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
     leaves; a tree prefix of both the Variable-boxed and the pure state.
 
   Raises:
-    TypeError: if ``model`` is not an ``nnx.Module`` or ``wrt`` is not an
-      nnx filter.
+    TypeError: if ``model`` is not an ``nnx.Module``, was quantized by
+      ``qwix.quantize_model``, or ``wrt`` is not an nnx filter.
     ValueError: a quantized kernel stacked over more than one axis.
   """
   state, kernels = _labelled_state(model, wrt, "param_labels")
@@ -324,6 +358,9 @@ def layer_axes_for(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
   Stacked quantized kernels (``L`` layers created under ``nnx.vmap``, one
   param of shape ``(L, ...)``) get ``0``: the optimizer keeps one transition
   rate and one learning rate per layer slice. Every other param gets ``None``.
+  A model quantized by Qwix is refused: its levels function,
+  :func:`talr_optax.qwix.levels_fn_from_qwix`, has the ``layer_axes`` method
+  that knows which weights Qwix quantizes and which are stacked.
 
   Args:
     model: an NNX module.
@@ -334,8 +371,8 @@ def layer_axes_for(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
     :func:`param_labels`: ``0`` or ``None`` leaves.
 
   Raises:
-    TypeError: if ``model`` is not an ``nnx.Module`` or ``wrt`` is not an
-      nnx filter.
+    TypeError: if ``model`` is not an ``nnx.Module``, was quantized by
+      ``qwix.quantize_model``, or ``wrt`` is not an nnx filter.
     ValueError: a quantized kernel stacked over more than one axis.
   """
   state, kernels = _labelled_state(model, wrt, "layer_axes_for")
