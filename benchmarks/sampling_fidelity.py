@@ -201,7 +201,7 @@ def demo_trajectory(task_name: str, model_name: str, bits: int, seed: int,
   # The monitor is the last stage: it counts, on every weight, the
   # transitions of exactly the updates TALR's sampled count saw.
   tx = optax.chain(optim.qat(cfg, model, "talr", bits, total),
-                   talr.track_transitions(levels_fn, r0, momentum=EMA_MOMENTUM))
+                   talr.track_transitions(levels_fn, r0, ema_momentum=EMA_MOMENTUM))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   names = sorted(k.split("/", 1)[1] for k in talr.metrics(optimizer.opt_state)
                  if k.startswith("transition_rate/") and "#" not in k)
@@ -300,7 +300,7 @@ def _lm_optimizer(arm: Any, model: Any) -> optax.GradientTransformation:
   """``lm_train.optimizer(arm, model)`` of AdamWT, the exact monitor last in its chain.
 
   The quantized group's chain is the demo's (AdamWT, then its oscillation
-  monitor), followed by ``track_transitions(levels_fn, R_0, momentum=m,
+  monitor), followed by ``track_transitions(levels_fn, R_0, ema_momentum=m,
   layer_axes=...)``, which counts every weight of every layer slice; the
   full-precision group is the demo's AdamW.
   """
@@ -312,7 +312,7 @@ def _lm_optimizer(arm: Any, model: Any) -> optax.GradientTransformation:
       talr.adamwt(lr, arm.target(), levels_fn, weight_decay=WEIGHT_DECAY, rule=arm.rule,
                   ema_momentum=arm.ema_momentum, layer_axes=axes, sample_size=arm.sample_size),
       talr.track_oscillations(levels_fn, layer_axes=axes, sample_size=arm.sample_size),
-      talr.track_transitions(levels_fn, arm.r0, momentum=arm.ema_momentum, layer_axes=axes))
+      talr.track_transitions(levels_fn, arm.r0, ema_momentum=arm.ema_momentum, layer_axes=axes))
   return optax.partition({tnnx.QUANTIZED: quantized,
                           tnnx.FULL_PRECISION: optax.adamw(lr, weight_decay=WEIGHT_DECAY)},
                          tnnx.param_labels(model))

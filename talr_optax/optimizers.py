@@ -43,13 +43,11 @@ def _base_rate(learning_rate: optax.ScalarOrSchedule) -> Any:
   return value
 
 
-def _talr(learning_rate, target_transition_rate, levels_fn, *, ema_momentum, **talr_args
+def _talr(learning_rate, target_transition_rate, levels_fn, **talr_args
           ) -> optax.GradientTransformationExtraArgs:
-  # scale_by_talr calls the EMA momentum `momentum`; here that is SGD's.
-  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
   return scale_by_talr(
       target_transition_rate, levels_fn, learning_rate=_base_rate(learning_rate),
-      momentum=ema_momentum, fallback_learning_rate=learning_rate, **talr_args)
+      fallback_learning_rate=learning_rate, **talr_args)
 
 
 def _chain(name: str, *stages: optax.GradientTransformation
@@ -96,7 +94,7 @@ def sgdt(
     ema_momentum: float = 0.99,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
-    rate: Optional[float] = None,
+    additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -115,10 +113,12 @@ def sgdt(
     nesterov: Nesterov momentum.
     weight_decay: coupled L2 coefficient (>= 0); ``None`` drops the stage.
     weight_decay_mask: mask (pytree or callable) of the leaves to decay.
-    ema_momentum: EMA momentum of the transition rate, in ``[0, 1)``.
+    ema_momentum: EMA momentum of the transition rate ``K``, in ``[0, 1)``
+      (``momentum`` is SGD's).
     rule: ``"multiplicative"`` or ``"additive"``.
     granularity: ``"per_tensor"`` or ``"global"``.
-    rate: additive rule only: step of ``U`` (``None``: the base learning rate).
+    additive_step: additive rule only: step of ``U`` per unit of ``R - K``
+      (``None``: the base learning rate).
     layer_axes: layer axis of stacked quantized params (see
       :func:`talr_optax.scale_by_talr`).
     sample_size: count transitions on at most this many weights per rate
@@ -134,7 +134,7 @@ def sgdt(
     stages.append(optax.trace(decay=momentum, nesterov=nesterov))
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      rate=rate, layer_axes=layer_axes, sample_size=sample_size))
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size))
   return _chain("sgdt", *stages)
 
 
@@ -158,7 +158,7 @@ def adamt(
     ema_momentum: float = 0.99,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
-    rate: Optional[float] = None,
+    additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -173,7 +173,7 @@ def adamt(
   stages.append(_adam(b1, b2, eps))
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      rate=rate, layer_axes=layer_axes, sample_size=sample_size))
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size))
   return _chain("adamt", *stages)
 
 
@@ -190,7 +190,7 @@ def adamwt(
     ema_momentum: float = 0.99,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
-    rate: Optional[float] = None,
+    additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -205,5 +205,5 @@ def adamwt(
   stages += _decay(weight_decay, weight_decay_mask)
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      rate=rate, layer_axes=layer_axes, sample_size=sample_size))
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size))
   return _chain("adamwt", *stages)

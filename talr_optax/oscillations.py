@@ -64,7 +64,7 @@ class TrackOscillationsState(NamedTuple):
 def track_oscillations(
     levels_fn: LevelsFn,
     *,
-    momentum: float = 0.99,
+    ema_momentum: float = 0.99,
     threshold: float = 0.02,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
@@ -87,7 +87,7 @@ def track_oscillations(
 
   Args:
     levels_fn: as in :func:`talr_optax.scale_by_talr`.
-    momentum: EMA momentum ``m`` of the frequency, in ``[0, 1)`` (0.99, as in
+    ema_momentum: EMA momentum ``m`` of the frequency, in ``[0, 1)`` (0.99, as in
       Nagel et al.'s tracking, weighs the last ~100 updates).
     threshold: the frequency above which a weight counts as oscillating, in
       ``[0, 1)``. 0.02 means at least two oscillations in about the last
@@ -106,7 +106,7 @@ def track_oscillations(
     Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
   """
   _checks.check_callable("levels_fn", levels_fn, "a function params -> levels")
-  _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
   _checks.check_number("threshold", threshold, 0.0, 1.0, high_open=True)
   if sample_size is not None:
     _checks.check_int("sample_size", sample_size, 1)
@@ -149,7 +149,7 @@ def track_oscillations(
         continue
       d, f, flipped = _track(take_sample(before[q.position], q.strides),
                              take_sample(after[q.position], q.strides),
-                             last[q.position], freq[q.position], momentum)
+                             last[q.position], freq[q.position], ema_momentum)
       new_last.append(d)
       new_freq.append(f.astype(_FREQUENCY_DTYPE))
       flips.append(flipped)

@@ -111,12 +111,12 @@ def _sanitize_target(value: Any) -> jax.Array:
   return jnp.clip(jnp.nan_to_num(r, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
-def _check_common(levels_fn: Any, momentum: Any, sample_size: Any) -> None:
+def _check_common(levels_fn: Any, ema_momentum: Any, sample_size: Any) -> None:
   _checks.check_callable(
       "levels_fn", levels_fn,
       "a function params -> levels (under optax.inject_hyperparams pass"
       " static_args=('levels_fn',): it treats callables as schedules)")
-  _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
   if sample_size is not None:
     _checks.check_int("sample_size", sample_size, 1)
 
@@ -188,8 +188,8 @@ def scale_by_talr(
     *,
     learning_rate: float,
     rule: str = "multiplicative",
-    momentum: float = 0.99,
-    rate: Optional[float] = None,
+    ema_momentum: float = 0.99,
+    additive_step: Optional[float] = None,
     granularity: str = "per_tensor",
     fallback_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     layer_axes: Any = None,
@@ -235,9 +235,11 @@ def scale_by_talr(
     learning_rate: base learning rate (> 0): ``U_0``, and the scale of ``c``.
     rule: ``"multiplicative"`` (the authors' code) or ``"additive"`` (the
       paper's Eq. 11).
-    momentum: EMA momentum ``m`` of the transition rate, in ``[0, 1)``.
-    rate: additive rule only: the step ``eta`` of ``U`` (> 0); ``None`` means
-      ``learning_rate``.
+    ema_momentum: momentum ``m`` of the exponential moving average ``K`` of the
+      transition rate, in ``[0, 1)``; also the smoothing of ``c`` in the
+      multiplicative rule. ``K`` reflects about the last ``1 / (1 - m)`` updates.
+    additive_step: additive rule only: the step ``eta`` by which ``U`` moves per
+      unit of ``R - K`` (> 0); ``None`` means ``learning_rate``.
     granularity: ``"per_tensor"`` (one ``U`` per quantized tensor, as in the
       authors' code) or ``"global"`` (one rate pooled over all of them).
     fallback_learning_rate: learning rate (float or schedule) for leaves whose
@@ -261,13 +263,14 @@ def scale_by_talr(
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
     Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
   """
-  _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, momentum,
-                        rate, granularity, fallback_learning_rate, layer_axes, sample_size)
+  _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, ema_momentum,
+                        additive_step, granularity, fallback_learning_rate, layer_axes,
+                        sample_size)
   target_fn = _as_schedule(target_transition_rate)
   fallback_fn = None if fallback_learning_rate is None else _as_schedule(
       fallback_learning_rate)
-  adapt = _adaptation(rule, momentum, learning_rate,
-                      eta=learning_rate if rate is None else rate)
+  adapt = _adaptation(rule, ema_momentum, learning_rate,
+                      eta=learning_rate if additive_step is None else additive_step)
   measure = dict(layer_axes=layer_axes, sample_size=sample_size,
                  global_rate=granularity == "global")
 
@@ -319,21 +322,22 @@ def scale_by_talr(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_talr_arguments(target, levels_fn, learning_rate, rule, momentum, rate,
+def _check_talr_arguments(target, levels_fn, learning_rate, rule, ema_momentum, additive_step,
                           granularity, fallback_learning_rate, layer_axes, sample_size) -> None:
   """The checks of :func:`scale_by_talr`'s arguments, each naming the argument."""
   _check_target(target, "target_transition_rate")
-  _check_common(levels_fn, momentum, sample_size)
+  _check_common(levels_fn, ema_momentum, sample_size)
   _checks.check_number("learning_rate", learning_rate, 0.0, np.inf,
                        low_open=True, high_open=True)
   _checks.check_choice("rule", rule, ("multiplicative", "additive"))
   _checks.check_choice("granularity", granularity, ("per_tensor", "global"))
-  if rate is not None:
+  if additive_step is not None:
     if rule != "additive":
       raise ValueError(
-          f"rate is the step of the additive rule; with rule={rule!r} it would be"
-          " ignored. Pass rule='additive' or leave rate=None.")
-    _checks.check_number("rate", rate, 0.0, np.inf, low_open=True, high_open=True)
+          f"additive_step is the step of the additive rule; with rule={rule!r} it would"
+          " be ignored. Pass rule='additive' or leave additive_step=None.")
+    _checks.check_number("additive_step", additive_step, 0.0, np.inf, low_open=True,
+                         high_open=True)
   if layer_axes is not None and granularity == "global":
     raise ValueError(
         "layer_axes gives each layer its own rate, which granularity='global'"
@@ -342,15 +346,15 @@ def _check_talr_arguments(target, levels_fn, learning_rate, rule, momentum, rate
     _checks.check_scalar_or_schedule("fallback_learning_rate", fallback_learning_rate)
 
 
-def _adaptation(rule: str, momentum: float, learning_rate: Any, eta: Any):
+def _adaptation(rule: str, m: float, learning_rate: Any, eta: Any):
   """``(k_n, K_n, U_n, c_n, R(n+1)) -> (K_(n+1), U_(n+1), c_(n+1))`` of the rule."""
 
   def adapt(k, K, U, c, R):
-    K = momentum * K + (1.0 - momentum) * k
+    K = m * K + (1.0 - m) * k
     if rule == "additive":
       U = jnp.maximum(0.0, U + eta * (R - K))
     else:
-      c = jnp.minimum(momentum * c + (1.0 - momentum) * c * R / (K + _EPS), _RATE_MAX)
+      c = jnp.minimum(m * c + (1.0 - m) * c * R / (K + _EPS), _RATE_MAX)
       U = jnp.minimum(learning_rate * c, _RATE_MAX)
     return K.astype(RATE_DTYPE), U.astype(RATE_DTYPE), c.astype(RATE_DTYPE)
 
@@ -395,7 +399,7 @@ def track_transitions(
     levels_fn: LevelsFn,
     initial_rate: ScalarOrSchedule,
     *,
-    momentum: float = 0.99,
+    ema_momentum: float = 0.99,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -412,7 +416,7 @@ def track_transitions(
     initial_rate: ``K_0`` in ``[0, 1]``, a float or a schedule whose value at
       step 0 is used. Pass the target given to :func:`scale_by_talr` so both
       ``K`` start at ``R(0)``.
-    momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``.
+    ema_momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``.
     layer_axes: as in :func:`scale_by_talr`.
     sample_size: as in :func:`scale_by_talr`.
 
@@ -421,7 +425,7 @@ def track_transitions(
     :class:`TrackTransitionsState`.
   """
   _check_target(initial_rate, "initial_rate")
-  _check_common(levels_fn, momentum, sample_size)
+  _check_common(levels_fn, ema_momentum, sample_size)
   k0 = _as_schedule(initial_rate)(jnp.asarray(0, jnp.int32))
   measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
 
@@ -440,7 +444,7 @@ def track_transitions(
     levels, treedef = _levels_after(levels_fn, params, updates)
     layout = _layout.build(levels, treedef, params, **measure)
     k, prev_levels = _count_caused(layout, levels, state.prev_levels)
-    K = (momentum * state.ema_transition_rate + (1.0 - momentum) * k).astype(RATE_DTYPE)
+    K = (ema_momentum * state.ema_transition_rate + (1.0 - ema_momentum) * k).astype(RATE_DTYPE)
     return updates, TrackTransitionsState(prev_levels, k, K, state.rate_names)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -96,7 +96,7 @@ def _sampled_run(sample_size, steps=40):
   params = {"w": jnp.asarray(rng.normal(size=(64, 96)).astype(np.float32)),
             "s": jnp.asarray(rng.normal(size=(3, 40, 50)).astype(np.float32))}
   levels_fn = talr.levels_fn_from_scales({"w": 3.0, "s": 3.0}, 2)
-  tx = talr.scale_by_talr(0.02, levels_fn, learning_rate=0.05, momentum=0.9,
+  tx = talr.scale_by_talr(0.02, levels_fn, learning_rate=0.05, ema_momentum=0.9,
                           layer_axes={"w": None, "s": 0}, sample_size=sample_size)
   state = tx.init(params)
   update = jax.jit(tx.update)

@@ -109,7 +109,7 @@ def test_values_by_hand_after_one_update():
   # [1, -2, 1, 0, -2, 1], so k = 1/6.
   params = {"w": jnp.asarray([0.2, -0.1, 0.4, 0.05, -0.3, 0.6])}
   tx = talr_optax.scale_by_talr(0.05, talr_optax.levels_fn_from_scales({"w": 0.25}, 2),
-                                learning_rate=0.1, momentum=0.9)
+                                learning_rate=0.1, ema_momentum=0.9)
   state = tx.init(params)
   _, state = tx.update({"w": jnp.ones(6)}, state, params)
   k = 1 / 6
@@ -225,7 +225,7 @@ def test_duplicate_names_get_a_suffix_in_state_order():
   # Two monitors: the second one's keys get #2 (the key's third occurrence).
   tx = optax.chain(optax.trace(0.9), _talr_tx(),
                    talr_optax.track_transitions(LEVELS_FN, 0.05),
-                   talr_optax.track_transitions(LEVELS_FN, 0.01, momentum=0.5))
+                   talr_optax.track_transitions(LEVELS_FN, 0.01, ema_momentum=0.5))
   state = _run(tx)
   m = talr_optax.metrics(state)
   assert set(m) == (_expected_keys() | _expected_keys(fields=MONITOR_FIELDS, suffix="#1")

@@ -34,7 +34,7 @@ def test_matches_reference_and_sees_oscillations():
   s, m, th = 2.0, 0.9, 0.05
   params = {"w": jnp.asarray(w), "b": jnp.zeros(3)}
   levels_fn = talr.levels_fn_from_scales({"w": s, "b": None}, 2)
-  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(levels_fn, momentum=m,
+  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(levels_fn, ema_momentum=m,
                                                            threshold=th))
   state = tx.init(params)
   ref = ReferenceOscillations(w.shape, m)
@@ -95,7 +95,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="threshold"):
     talr.track_oscillations(fn, threshold=1.5)
   with pytest.raises(ValueError, match="momentum"):
-    talr.track_oscillations(fn, momentum=1.0)
+    talr.track_oscillations(fn, ema_momentum=1.0)
   with pytest.raises(ValueError, match="sample_size"):
     talr.track_oscillations(fn, sample_size=0)
   tx = talr.track_oscillations(fn)

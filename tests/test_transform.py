@@ -48,7 +48,7 @@ def _run_against_reference(rule, granularity, layer_axes=None, steps=200, bits=2
   axes_tree = None if layer_axes is None else {f"t{i}": a for i, a in enumerate(layer_axes)}
   tx = talr.scale_by_talr(
       optax.cosine_decay_schedule(0.03, steps), _levels_fn(scales, bits),
-      learning_rate=lr, rule=rule, momentum=momentum, granularity=granularity,
+      learning_rate=lr, rule=rule, ema_momentum=momentum, granularity=granularity,
       layer_axes=axes_tree)
   ref = ReferenceTALR(scales, bits, target, lr, rule=rule, momentum=momentum,
                       global_rate=granularity == "global", layer_axes=layer_axes)
@@ -108,7 +108,7 @@ def test_first_two_updates_by_hand():
   params = {"w": jnp.array([0.1, 0.2, 0.3, 0.4])}
   lr, m, r0 = 0.5, 0.9, 0.1
   tx = talr.scale_by_talr(r0, talr.levels_fn_from_scales({"w": 1.0}, 2),
-                          learning_rate=lr, momentum=m)
+                          learning_rate=lr, ema_momentum=m)
   state = tx.init(params)
   np.testing.assert_array_equal(state.prev_levels["w"], [0, 0, 1, 1])
   np.testing.assert_allclose(state.ema_transition_rate, [r0])
@@ -138,7 +138,7 @@ def test_first_two_updates_by_hand():
 def test_additive_rule_by_hand_and_floor_at_zero():
   params = {"w": jnp.array([0.1, 0.2, 0.3, 0.4])}
   tx = talr.scale_by_talr(0.0, talr.levels_fn_from_scales({"w": 1.0}, 2),
-                          learning_rate=0.5, rule="additive", rate=10.0, momentum=0.5)
+                          learning_rate=0.5, rule="additive", additive_step=10.0, ema_momentum=0.5)
   state = tx.init(params)
   _, state = tx.update({"w": jnp.array([0.0, -0.2, 0.0, 0.0])}, state, params)
   # K_1 = 0.5 * 0 + 0.5 * 0.25; U_1 = max(0, 0.5 + 10 (0 - 0.125)) = 0.
@@ -196,8 +196,8 @@ def test_monitor_matches_talr_measurement_when_rates_agree():
   params, scales = _problem()
   levels_fn = _levels_fn(scales)
   target = 0.02
-  talr_tx = talr.scale_by_talr(target, levels_fn, learning_rate=0.05, momentum=0.9)
-  monitor = optax.chain(talr_tx, talr.track_transitions(levels_fn, target, momentum=0.9))
+  talr_tx = talr.scale_by_talr(target, levels_fn, learning_rate=0.05, ema_momentum=0.9)
+  monitor = optax.chain(talr_tx, talr.track_transitions(levels_fn, target, ema_momentum=0.9))
   p = _tree(params)
   state = monitor.init(p)
   rng = np.random.default_rng(3)
