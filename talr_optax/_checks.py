@@ -115,6 +115,16 @@ def check_scalar_or_schedule(name: str, value: Any, *, low_open: bool = True,
     check_number(name, value, 0.0, math.inf, low_open=low_open, high_open=True, owner=owner)
 
 
+def check_sample_size(sample_size: Any) -> Optional[int]:
+  """``None`` or an int >= 1; an array gets the ``optax.inject_hyperparams`` hint."""
+  if isinstance(sample_size, jax.Array):
+    raise ValueError(
+        f"sample_size must be an integer >= 1, got an array ({sample_size!r}): under"
+        " optax.inject_hyperparams pass static_args=('sample_size',), since it turns"
+        " numbers into traced arrays.")
+  return None if sample_size is None else check_int("sample_size", sample_size, 1)
+
+
 def check_bits(name: str, value: Any, *, owner: Optional[str] = None) -> int:
   """A bit width of the paper's quantizers: an integer in ``[1, 8]``."""
   return check_int(name, value, 1, 8, owner=owner)

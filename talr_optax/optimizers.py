@@ -54,9 +54,9 @@ def _chain(name: str, *stages: optax.GradientTransformation
            ) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(*stages)`` whose update says so when given another optimizer's state."""
   tx = optax.chain(*stages)
-  kinds = lambda s: tuple(type(x).__name__ for x in s) if isinstance(s, tuple) else (
-      type(s).__name__,)
-  expected_by_structure: dict[Any, tuple[str, ...]] = {}  # init traced once per structure
+  kinds = lambda s: tuple(map(type, s)) if isinstance(s, tuple) else (type(s),)
+  named = lambda types: tuple(t.__name__ for t in types)
+  expected_by_structure: dict[Any, tuple[type, ...]] = {}  # init traced once per structure
 
   def expected_kinds(params):
     key = jax.tree.structure(params)
@@ -69,7 +69,7 @@ def _chain(name: str, *stages: optax.GradientTransformation
     if expected is not None and kinds(state) != expected:
       raise ValueError(
           f"{name} got a state made by another optimizer: it expects states"
-          f" {expected}, got {kinds(state)}. Call {name}(...).init(params).")
+          f" {named(expected)}, got {named(kinds(state))}. Call {name}(...).init(params).")
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -801,8 +801,8 @@ _BAD = {
     "params of another model in update": (
         lambda: (lambda tx: tx.update({"w": jnp.zeros(5)}, tx.init(_P), {"w": jnp.zeros(5)}))(
             talr.scale_by_talr(0.01, _LF, learning_rate=0.1)),
-        r"levels_fn changed which leaves are quantized, or their shapes, since init"
-        r" \(at 'w'\)"),
+        r"the state holds \(4,\) levels at 'w', whose param has shape \(5,\): levels_fn"
+        r" changed which leaves are quantized, or their shapes, since init"),
     "track ema_momentum": (lambda: talr.track_transitions(_LF, 0.01, ema_momentum=1.5),
                        r"ema_momentum must be in \[0, 1\)"),
     "track initial_rate": (lambda: talr.track_transitions(_LF, -1),
@@ -813,10 +813,6 @@ _BAD = {
                         "levels_fn must be a function"),
     "track sample_size": (lambda: talr.track_transitions(_LF, 0.01, sample_size=-1),
                           "sample_size must be an integer >= 1"),
-    "track levels=": (
-        lambda: (lambda m: m.update(_P, m.init(_P), _P, levels=_P))(
-            talr.track_transitions(_LF, 0.01)),
-        "track_transitions no longer takes levels="),
 }
 
 

@@ -268,8 +268,6 @@ def test_misuse_is_a_clear_error():
   state = tx.init(p)
   with pytest.raises(ValueError, match="needs the params"):
     tx.update(p, state)
-  with pytest.raises(ValueError, match="no longer takes levels="):
-    tx.update(p, state, p, levels=p)
   with pytest.raises(ValueError, match="ScaleByTALRState"):
     tx.update(p, optax.sgd(0.1).init(p), p)
   monitor = talr.track_transitions(_levels_fn(scales), 0.01)
