@@ -56,20 +56,30 @@ def _chain(name: str, *stages: optax.GradientTransformation
   tx = optax.chain(*stages)
   kinds = lambda s: tuple(map(type, s)) if isinstance(s, tuple) else (type(s),)
   named = lambda types: tuple(t.__name__ for t in types)
-  expected_by_structure: dict[Any, tuple[type, ...]] = {}  # init traced once per structure
+  shapes = lambda tree: tuple(getattr(x, "shape", None) for x in jax.tree.leaves(tree))
+  expected_by_params: dict[Any, Any] = {}  # init traced once per params' structure and shapes
 
-  def expected_kinds(params):
-    key = jax.tree.structure(params)
-    if key not in expected_by_structure:
-      expected_by_structure[key] = kinds(jax.eval_shape(tx.init, params))
-    return expected_by_structure[key]
+  def expected_state(params):
+    key = (jax.tree.structure(params), shapes(params))
+    if key not in expected_by_params:
+      expected_by_params[key] = jax.eval_shape(tx.init, params)
+    return expected_by_params[key]
 
   def update_fn(updates, state, params=None, **extra_args):
-    expected = None if params is None else expected_kinds(params)
-    if expected is not None and kinds(state) != expected:
-      raise ValueError(
-          f"{name} got a state made by another optimizer: it expects states"
-          f" {named(expected)}, got {named(kinds(state))}. Call {name}(...).init(params).")
+    if params is not None:
+      expected = expected_state(params)
+      if kinds(state) != kinds(expected):
+        raise ValueError(
+            f"{name} got a state made by another optimizer: it expects states"
+            f" {named(kinds(expected))}, got {named(kinds(state))}. Call"
+            f" {name}(...).init(params).")
+      if shapes(state) != shapes(expected):
+        # The TALR stage names the setting (layer_axes, layers, sample_size)...
+        jax.eval_shape(lambda s, p: stages[-1].update(p, s, p), state[-1], params)
+        raise ValueError(  # ...else another stage's state has other shapes.
+            f"{name} got a state whose arrays have other shapes than"
+            f" {name}(...).init(params) gives: the params' shapes changed since the state"
+            " was made. Call init on these params.")
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
