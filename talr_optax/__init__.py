@@ -6,6 +6,7 @@ transformation, with the paper's quantizers, target schedules and ready
 optimizers (SGDT, AdamT, AdamWT). Flax NNX layers live in ``talr_optax.nnx``.
 """
 
+from talr_optax.checkpoints import check_restorable
 from talr_optax.counting import count_transitions
 from talr_optax.metrics import metrics
 from talr_optax.optimizers import adamt, adamwt, sgdt
@@ -39,6 +40,7 @@ __all__ = [
     "activation_levels",
     "adamt",
     "adamwt",
+    "check_restorable",
     "cosine_target",
     "count_transitions",
     "distance_to_transition",

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 from talr_optax import _layout
 from talr_optax import _tree
@@ -121,7 +122,46 @@ def take_sample(x: jax.Array, strides: Optional[Sequence[int]]) -> jax.Array:
   for d, s, split in zip(x.shape, strides, splits):
     shape += [d // s, s] if split else [d]
     index += [slice(None), 0] if split else [slice(None)]
-  return x.reshape(shape)[tuple(index)]
+  out_sharding = _split_sharding(x, [s if split else 1 for s, split in zip(strides, splits)])
+  return jnp.reshape(x, shape, out_sharding=out_sharding)[tuple(index)]
+
+
+def _explicit_spec(x: jax.Array) -> Optional[tuple[Any, ...]]:
+  """The spec of ``x`` if some axis is sharded over an Explicit mesh axis, else ``None``."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  if spec is None or all(entry is None for entry in spec):
+    return None
+  return tuple(spec) + (None,) * (x.ndim - len(spec))
+
+
+def _split_sharding(x: jax.Array, strides: Sequence[int]) -> Optional[PartitionSpec]:
+  """On a mesh with Explicit axes, where the sharding of ``x`` goes when split axes split.
+
+  Explicit sharding is part of an array's type, so a reshape must be told
+  where it goes: an axis sharded over mesh axes stays sharded on its grid
+  points when they divide evenly (each device keeps its own block), else it
+  is gathered. ``None`` (the compiler propagates) when no axis is Explicit.
+  """
+  spec = _explicit_spec(x)
+  if spec is None:
+    return None
+  mesh = jax.typeof(x).sharding.mesh
+  devices = lambda entry: math.prod(
+      mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry))
+  out = []
+  for entry, d, s in zip(spec, x.shape, strides):
+    if s > 1:
+      out += [entry if entry is None or (d // s) % devices(entry) == 0 else None, None]
+    else:
+      out += [entry]
+  return PartitionSpec(*out)
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+  """``x`` (a few rates) replicated, where Explicit sharding would keep it split."""
+  if _explicit_spec(x) is None:
+    return x
+  return jax.sharding.reshard(x, PartitionSpec())
 
 
 def levels_of(levels_fn: LevelsFn, params: Any, *, check_range: bool = False) -> Any:
@@ -239,7 +279,7 @@ def transition_rates(layout: Layout, new: Sequence[jax.Array], old: Sequence[jax
   """
   rates, sizes = [], []
   for q, a, b in zip(layout.quantized, new, old):
-    counts = count_transitions(a, b, q.layer_axis).reshape(-1)
+    counts = _replicated(count_transitions(a, b, q.layer_axis).reshape(-1))
     rates.append(counts.astype(RATE_DTYPE) / q.counted_per_rate)
     sizes.append(np.full((q.num_rates,), q.weights_per_rate, np.float64))
   if not rates:  # only empty quantized leaves: nothing changes
@@ -255,10 +295,6 @@ def group_means(layout: Layout, values: Sequence[jax.Array]) -> jax.Array:
   """Mean of per-weight ``values`` (counted shape, one per quantized leaf) per rate group."""
   out = []
   for q, x in zip(layout.quantized, values):
-    x = x.astype(RATE_DTYPE)
-    if q.layer_axis is None:
-      out.append(jnp.mean(x).reshape(1))
-    else:
-      x = jnp.moveaxis(x, q.layer_axis, 0)
-      out.append(jnp.mean(x.reshape(x.shape[0], -1), axis=1))
+    axes = tuple(i for i in range(x.ndim) if i != q.layer_axis)
+    out.append(_replicated(jnp.mean(x.astype(RATE_DTYPE), axis=axes).reshape(-1)))
   return jnp.concatenate(out) if out else jnp.zeros((0,), RATE_DTYPE)

@@ -112,13 +112,16 @@ def track_oscillations(
   measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
 
   def init_fn(params):
-    layout, _ = counting.init_levels(levels_fn, params, name="track_oscillations", **measure)
-    per_weight = lambda value, dtype: layout.per_leaf(
-        [jnp.full(q.counted_shape, value, dtype) for q in layout.quantized])
+    layout, levels = counting.init_levels(levels_fn, params, name="track_oscillations",
+                                          **measure)
+    # Like the counted levels, so each takes the sharding of its param (an
+    # Explicit mesh refuses to mix a replicated state with sharded levels).
+    counted = counting.counted(layout, levels)
+    per_weight = lambda dtype: layout.per_leaf([jnp.zeros_like(c, dtype) for c in counted])
     zeros = lambda: jnp.zeros((layout.num_rates,), RATE_DTYPE)
     return TrackOscillationsState(
-        last_direction=per_weight(0, _DIRECTION_DTYPE),
-        oscillation_frequency=per_weight(0.0, _FREQUENCY_DTYPE),
+        last_direction=per_weight(_DIRECTION_DTYPE),
+        oscillation_frequency=per_weight(_FREQUENCY_DTYPE),
         mean_oscillation_frequency=zeros(),
         oscillating_fraction=zeros(),
         oscillation_rate=zeros(),
