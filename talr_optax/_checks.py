@@ -130,8 +130,8 @@ def check_bits(name: str, value: Any, *, owner: Optional[str] = None) -> int:
   return check_int(name, value, 1, 8, owner=owner)
 
 
-def raise_if_step_count(params: Any) -> None:
-  """Raises a hint when a ``levels_fn`` receives a step count instead of params.
+def raise_if_step_count(params: Any, name: str = "levels_fn") -> None:
+  """Raises a hint when ``name`` (a callable of params) receives a step count instead.
 
   ``optax.inject_hyperparams`` treats every callable argument as a schedule
   and calls it with the step count unless it is named in ``static_args``.
@@ -139,6 +139,6 @@ def raise_if_step_count(params: Any) -> None:
   if getattr(params, "shape", None) == () and jnp.issubdtype(
       getattr(params, "dtype", np.float32), jnp.integer):
     raise ValueError(
-        "levels_fn was called with a step count instead of params: under"
-        " optax.inject_hyperparams pass static_args=('levels_fn',), since it"
+        f"{name} was called with a step count instead of params: under"
+        f" optax.inject_hyperparams pass static_args=({name!r},), since it"
         " treats every callable argument as a schedule.")
