@@ -68,6 +68,12 @@ def check_number(name: str, value: Any, low: float = -math.inf, high: float = ma
         f" got {name} = {x!r}.")
 
 
+def is_integer_array(x: Any) -> bool:
+  """``x`` has an integer dtype (quantization levels, not weights)."""
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+
+
 def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None,
               *, owner: Optional[str] = None) -> int:
   """``value`` as an ``int`` if it is an integer (not a bool) in ``[low, high]``."""

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from talr_optax import _checks
 from talr_optax import _tree
 
 LevelsFn = Callable[[Any], Any]
@@ -164,11 +165,11 @@ def _check_integer(level: Any, path: str) -> None:
   """A levels leaf is ``None``, a ``MaskedNode`` or integer levels."""
   if _tree.is_none_or_masked(level):
     return
-  dtype = getattr(level, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+  if not _checks.is_integer_array(level):
     raise ValueError(
         f"levels_fn must return integer levels (or None) for every leaf, got"
-        f" {type(level).__name__} of dtype {dtype} at '{path}': round and cast"
+        f" {type(level).__name__} of dtype {getattr(level, 'dtype', None)} at '{path}':"
+        " round and cast"
         " the quantizer output, e.g. with talr_optax.weight_levels.")
 
 

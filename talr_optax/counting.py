@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
+from talr_optax import _checks
 from talr_optax import _layout
 from talr_optax import _tree
 from talr_optax._layout import RATE_DTYPE, Layout, LevelsFn, sample_strides
@@ -50,11 +51,10 @@ _EXACT_F32_SUM = 2**24
 
 def _check_levels(levels: jax.Array, prev_levels: jax.Array, axis: Optional[int]) -> None:
   for name, x in (("levels", levels), ("prev_levels", prev_levels)):
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    if not _checks.is_integer_array(x):
       raise ValueError(
           f"count_transitions counts integer quantization levels, got {name} of"
-          f" dtype {dtype}: pass the integer levels (e.g. talr_optax.weight_levels),"
+          f" dtype {getattr(x, 'dtype', None)}: pass the integer levels (e.g. talr_optax.weight_levels),"
           " not the float weights.")
   if levels.shape != prev_levels.shape:
     raise ValueError(
@@ -173,8 +173,7 @@ def levels_of(levels_fn: LevelsFn, params: Any, *, check_range: bool = False) ->
   """
 
   def to_int8(level):
-    if _tree.is_none_or_masked(level) or not jnp.issubdtype(
-        getattr(level, "dtype", np.float32), jnp.integer):
+    if not _checks.is_integer_array(level):
       return level  # checked, with its path, by _layout.build
     if check_range and not isinstance(level, jax.core.Tracer) and level.size:
       lo, hi = int(jnp.min(level)), int(jnp.max(level))
