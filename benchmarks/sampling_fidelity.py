@@ -279,12 +279,11 @@ def _lm_config(steps: int, fp_steps: int) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _lm_data(context: int, eval_windows: int) -> tuple[Any, np.ndarray]:
-  """The corpus and the validation windows, as ``lm_runs.run`` builds them."""
-  from talr_optax.demo import lm_data  # pylint: disable=import-outside-toplevel
-  from talr_optax.demo.lm_config import VAL_EVERY  # pylint: disable=import-outside-toplevel
-  corpus = lm_data.load_stdlib(val_every=VAL_EVERY, min_bytes=context + 1)
-  return corpus, lm_data.fixed_windows(corpus.val, context + 1, eval_windows)
+def _lm_data(context: int, eval_windows: int) -> Any:
+  """The corpus and the validation windows, as the demo loads them."""
+  from talr_optax.demo import lm_train  # pylint: disable=import-outside-toplevel
+  return lm_train.load(dataclasses.replace(_lm_config(1, 1), context=context,
+                                           eval_windows=eval_windows))
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,30 +291,20 @@ def _lm_pretrained(fp_steps: int) -> Any:
   """The full-precision model every QAT run starts from (seed 0, as in the demo)."""
   from talr_optax.demo import lm_train  # pylint: disable=import-outside-toplevel
   cfg = _lm_config(1, fp_steps)
-  model, _ = lm_train.pretrain(cfg, *_lm_data(cfg.context, cfg.eval_windows), 0)
+  model, _ = lm_train.pretrain(cfg, _lm_data(cfg.context, cfg.eval_windows), 0)
   return model
 
 
-def _lm_optimizer(arm: Any, model: Any) -> optax.GradientTransformation:
-  """``lm_train.optimizer(arm, model)`` of AdamWT, the exact monitor last in its chain.
+def _exact_monitor(arm: Any, model: Any) -> optax.GradientTransformation:
+  """The stage appended to the demo's quantized chain: counts every weight of every layer slice.
 
-  The quantized group's chain is the demo's (AdamWT, then its oscillation
-  monitor), followed by ``track_transitions(levels_fn, R_0, ema_momentum=m,
-  layer_axes=...)``, which counts every weight of every layer slice; the
-  full-precision group is the demo's AdamW.
+  ``lm_train.optimizer(arm, model, then=(this,))`` is the demo's optimizer
+  (AdamWT, then its oscillation monitor) followed by ``track_transitions(
+  levels_fn, R_0, ema_momentum=m, layer_axes=...)`` on the same updates.
   """
   from talr_optax import nnx as tnnx  # pylint: disable=import-outside-toplevel
-  from talr_optax.demo.lm_config import WEIGHT_DECAY  # pylint: disable=import-outside-toplevel
-  lr = arm.schedule()
   levels_fn, axes = tnnx.levels_fn_for(model), tnnx.layer_axes_for(model)
-  quantized = optax.chain(
-      talr.adamwt(lr, arm.target(), levels_fn, weight_decay=WEIGHT_DECAY, rule=arm.rule,
-                  ema_momentum=arm.ema_momentum, layer_axes=axes, sample_size=arm.sample_size),
-      talr.track_oscillations(levels_fn, layer_axes=axes, sample_size=arm.sample_size),
-      talr.track_transitions(levels_fn, arm.r0, ema_momentum=arm.ema_momentum, layer_axes=axes))
-  return optax.partition({tnnx.QUANTIZED: quantized,
-                          tnnx.FULL_PRECISION: optax.adamw(lr, weight_decay=WEIGHT_DECAY)},
-                         tnnx.param_labels(model))
+  return talr.track_transitions(levels_fn, arm.r0, ema_momentum=arm.ema_momentum, layer_axes=axes)
 
 
 def _rate_names(m: dict[str, jax.Array]) -> list[str]:
@@ -324,19 +313,15 @@ def _rate_names(m: dict[str, jax.Array]) -> list[str]:
 
 def _lm_step_impl(arm: Any, record: bool, model: Any, opt_state: Any, windows: jax.Array
                   ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
-  """``lm_train.train_step`` with :func:`_lm_optimizer`: ``(opt_state, k, K, levels)``.
+  """The demo's ``lm_train.update`` with :func:`_exact_monitor`: ``(opt_state, k, K, levels)``.
 
   ``k`` and ``K`` are ``(2, groups)``: TALR's (sampled) row, then the
   monitor's (exact); ``levels`` the monitor's levels of the new params when
   ``record``.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   from talr_optax.demo import lm_train  # pylint: disable=import-outside-toplevel
-  loss_fn = lambda m: lm_train.next_byte_loss(m, windows).mean()  # noqa: E731
-  _, grads = nnx.value_and_grad(loss_fn)(model)
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  updates, opt_state = _lm_optimizer(arm, model).update(nnx.as_pure(grads), opt_state, params)
-  nnx.update(model, optax.apply_updates(params, updates))
+  _, opt_state = lm_train.update(arm, model, opt_state, 1.0, windows,
+                                 then=(_exact_monitor(arm, model),))
   m = talr.metrics(opt_state)
   names = _rate_names(m)
   levels = _monitor_levels(opt_state) if record else {}
@@ -374,7 +359,7 @@ def lm_trajectory(task_name: str, model_name: str, bits: int, seed: int,
   of ``default_rng(seed)``, then the training windows of the same generator,
   so the runs of one seed see the same data whatever ``sample_size``. The
   quantized group's chain ends with an exact ``track_transitions`` with the
-  same ``layer_axes`` (:func:`_lm_optimizer`). A rate group is one layer
+  same ``layer_axes`` (:func:`_exact_monitor`). A rate group is one layer
   slice of a stacked kernel (``blocks/mlp/up/kernel[1]``). Only the final
   validation bits per byte are evaluated (no evaluation during the run).
   """
@@ -396,7 +381,7 @@ def lm_trajectory(task_name: str, model_name: str, bits: int, seed: int,
   arm = lm_train.Arm("talr", bits, cfg.steps, cfg.lr, cfg.lam, cfg.rule, cfg.ema_momentum,
                      sample_size)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
-  opt_state = _lm_optimizer(arm, model).init(params)
+  opt_state = lm_train.optimizer(arm, model, then=(_exact_monitor(arm, model),)).init(params)
   names = _rate_names(talr.metrics(opt_state))
   axes = {name: axis for name, axis in _tree.leaves_with_paths(tnnx.layer_axes_for(model))}
   levels_fn = tnnx.levels_fn_for(model)

@@ -1,9 +1,11 @@
 """The demo (``talr_optax.demo``): flag checks, the run store, tiny end-to-end runs."""
 
+import importlib.util
 import json
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from talr_optax import demo  # pylint: disable=g-import-not-at-top
+from talr_optax.demo import runner as demo_runner  # pylint: disable=g-import-not-at-top
 from talr_optax.demo import train as demo_train  # pylint: disable=g-import-not-at-top
 from talr_optax.demo.tasks import TASKS, make_model  # pylint: disable=g-import-not-at-top
 
@@ -80,6 +83,53 @@ def test_a_file_where_a_directory_goes_is_refused_when_parsing(flag, tmp_path, c
   assert file.read_text() == "keep me"
 
 
+def _unwritable_dirs(tmp_path):
+  """Directories this process cannot write: /proc (even as root), and a 0o555 one."""
+  yield "/proc"
+  if os.geteuid() != 0:  # root writes into a read-only directory anyway
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    yield str(locked)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint-dir"])
+def test_an_out_that_cannot_be_written_is_refused_when_parsing(flag, tmp_path, capsys):
+  for directory in _unwritable_dirs(tmp_path):
+    err = _exit_message([flag, directory], capsys)
+    assert f"{flag} must be a directory this process can write, but {directory} is not " \
+           "writable" in err, err
+    err = _exit_message([flag, f"{directory}/new/demo"], capsys)
+    assert f"but {directory}/new/demo cannot be created in {directory} (" in err, err
+  # The lm task shares --out and its check.
+  err = _exit_message(["--task", "lm", "--out", "/proc/demo"], capsys)
+  assert "--out must be a directory this process can write" in err
+
+
+def test_help_gives_each_task_its_own_default_batch_size(capsys):
+  from talr_optax.demo.lm_config import LMConfig  # pylint: disable=import-outside-toplevel
+  text = " ".join(demo.build_parser().format_help().split())
+  lm_default = demo.config_from_args(["--task", "lm"]).batch_size
+  assert lm_default == LMConfig.batch_size
+  assert (f"(default {TASKS['digits'].defaults.batch_size} on digits, "
+          f"{TASKS['cifar10'].defaults.batch_size} on cifar10, {lm_default} windows with "
+          "--task lm)") in text
+  assert demo.config_from_args([]).batch_size == TASKS["digits"].defaults.batch_size
+
+
+@pytest.mark.parametrize("argv, missing", [([], ["rich", "sklearn"]),
+                                           (["--task", "lm"], ["rich"])])
+def test_without_the_demo_extra_the_message_names_it(argv, missing, monkeypatch, capsys):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name in ("rich", "sklearn") else find_spec(name, *a))
+  assert demo.main(argv + ["--out", "/nowhere/never/written"]) == 1
+  err = capsys.readouterr().err
+  assert f"the demo needs {', '.join(missing)}, not installed here" in err
+  assert 'pip install -e ".[demo]"' in err
+  assert not os.path.exists("/nowhere")
+
+
 def test_entry_point_exits_2_like_argparse():
   proc = subprocess.run([sys.executable, "-m", "talr_optax.demo", "--bits", "2,2"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120,
@@ -94,6 +144,60 @@ def test_defaults_follow_the_dataset_and_quick():
   assert (cfg.seeds, cfg.bits, cfg.model, cfg.epochs, cfg.fp_epochs) == (1, (2, 1), "cnn", 6, 4)
   cfg = demo.config_from_args(["--dataset", "cifar10", "--data-dir", "x"])
   assert (cfg.model, cfg.batch_size, cfg.epochs, cfg.fp_epochs) == ("resnet20", 256, 400, 200)
+
+
+# ---------------------------------------------------------------------------
+# The runner's shared parts
+
+
+def _record(bits, method, seed, score, osc, K, R, md2tp_mean):
+  return {"bits": bits, "method": method, "seed": seed, "final_test_accuracy": score,
+          "tracking_error": demo_runner.tracking_error({"K": K, "R": R}, 0.5),
+          "late_oscillation_frequency": demo_runner.late_oscillation_frequency({"osc": osc}),
+          "md2tp_histogram": {"mean": md2tp_mean}}
+
+
+def test_summary_rows_against_numpy():
+  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
+  osc = list(np.linspace(0.0, 1.0, 25))  # the last 10 %: int(2.5) = 2 steps
+  K, R = [1.0] * 10, [0.5] * 10  # warm-up: the first step is left out
+  K[0] = 100.0
+  runs = [_record(1, "talr", 0, 0.5, osc, K, R, 0.25), _record(2, "sgd", 0, 0.9, osc, K, R, 0.1),
+          _record(2, "sgd", 1, 0.7, osc[:10], K, R, 0.3), _record(2, "talr", 0, 0.8, osc, K, R, 0.2)]
+  assert runs[0]["tracking_error"] == pytest.approx(1.0)  # |1 - 0.5| / 0.5
+  assert runs[0]["late_oscillation_frequency"] == pytest.approx(np.mean(osc[-2:]))
+  assert runs[2]["late_oscillation_frequency"] == osc[9]  # at least one step
+  score = runner.Score("accuracy", "final_test_accuracy", "acc", scale=100.0)
+  rows = runner.summarize(runs, score, descending_bits=True)
+  assert [(r["bits"], r["method"], r["seeds"]) for r in rows] == [
+      (2, "sgd", 2), (2, "talr", 1), (1, "talr", 1)]
+  assert rows[0]["accuracy_mean"] == pytest.approx(80.0)
+  assert rows[0]["accuracy_std"] == pytest.approx(np.std([90.0, 70.0]))
+  assert rows[0]["late_oscillation_frequency_mean"] == pytest.approx(
+      np.mean([np.mean(osc[-2:]), osc[9]]))
+  assert rows[0]["md2tp_mean"] == pytest.approx(0.2)
+  assert [r["bits"] for r in runner.summarize(runs, score)] == [1, 2, 2]
+  assert "learning_rate" not in rows[0]
+
+
+def test_progress_in_a_file_prints_plain_lines(capsys):
+  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
+  with runner.Progress(120, "steps") as progress:
+    progress.describe("W2: seed 0")
+    progress.advance(50)  # no status: no line
+    progress.advance(10, "step 60/100")
+  assert capsys.readouterr().out.splitlines() == [
+      "[  0/120 steps] W2: seed 0", "[ 60/120 steps] W2: seed 0: step 60/100"]
+
+
+def test_train_arm_refuses_what_a_task_does_not_do():
+  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"method must be one of \('sgd', 'talr'\), got 'adam'"):
+    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="adam")
+  with pytest.raises(ValueError, match="lr_scale must be 1 on the image tasks"):
+    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="sgd", lr_scale=3.0)
+  with pytest.raises(ValueError, match="task must be 'digits' or 'lm', got 'cifar'"):
+    runner.task_of("cifar")
 
 
 def _opt_states(opt_state):
@@ -224,11 +328,35 @@ def _assert_results(out: Path, results: dict, epochs: int) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 
 
-def test_tiny_run_and_its_resume_from_checkpoint_dir_are_bit_identical(tmp_path, monkeypatch):
+def assert_readable_in_a_file(printed: str, rows: int) -> None:
+  """No bar redraws or colour codes, and each table row whole on one line."""
+  assert "\r" not in printed and "\x1b" not in printed
+  lines = printed.splitlines()
+  # A progress bar's glyphs appear in the tables' header borders only.
+  assert all(line.lstrip()[0] in "┏┡" for line in lines if "━" in line)
+  # Row lines of the summary: all 8 cells (bits ... md2tp) between the borders.
+  cells = [line.split("│")[1:-1] for line in lines if "±" in line and "│" in line]
+  assert len(cells) == rows and all(len(c) >= 7 and all(x.strip() for x in c) for c in cells)
+  assert any(line.startswith("md2tp: distance of a quantized weight") for line in lines)
+  assert any(line.startswith("late osc. freq.: mean oscillation frequency") for line in lines)
+
+
+def test_tiny_run_and_its_resume_from_checkpoint_dir_are_bit_identical(tmp_path, monkeypatch,
+                                                                        capsys):
   pytest.importorskip("orbax.checkpoint")
   argv = TINY
+  capsys.readouterr()
   straight = demo.run(demo.config_from_args(argv + ["--out", str(tmp_path / "a")]))
   _assert_results(tmp_path / "a", straight, epochs=2)
+  printed = capsys.readouterr().out
+  assert_readable_in_a_file(printed, rows=2)
+  # Progress in a file: one plain line per epoch, the last one at the total.
+  progress = [line for line in printed.splitlines() if line.startswith("[")]
+  assert progress[-1].startswith("[5/5 epochs] seed 0 W2A2  SGDT: epoch 2/2 loss ")
+  assert len([line for line in progress if ": epoch " in line]) == 4
+  for name in ("results.json", "rate_tracking.png"):
+    assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) & 0o644 == 0o644, name
+  assert stat.S_IMODE((tmp_path / "a" / "results.json").stat().st_mode) == 0o644
 
   ckpt = tmp_path / "ckpt"
   cfg = demo.config_from_args(argv + ["--out", str(tmp_path / "b"),
@@ -240,7 +368,7 @@ def test_tiny_run_and_its_resume_from_checkpoint_dir_are_bit_identical(tmp_path,
   assert sorted(os.listdir(ckpt / "seed0_w2_sgd" / "epochs")) == ["1"]
   with pytest.raises(demo.Interrupted):
     demo.run(cfg, interrupt_after=1)
-  assert (ckpt / "seed0_w2_sgd" / "record.json").exists()
+  assert stat.S_IMODE((ckpt / "seed0_w2_sgd" / "record.json").stat().st_mode) == 0o644
   assert sorted(os.listdir(ckpt / "seed0_w2_talr" / "epochs")) == ["1"]
   assert not (tmp_path / "b" / "results.json").exists()
   resumed = demo.run(cfg)

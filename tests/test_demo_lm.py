@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import stat
 import sys
 
 import numpy as np
@@ -106,6 +107,36 @@ def test_bad_lm_flags_exit_2_naming_the_flag(argv, match, capsys):
   assert re.search(match, err), err
 
 
+def test_activation_estimate_follows_its_formula():
+  cfg = lm_config.LMConfig(batch_size=3, context=5, width=8, layers=2, heads=2, eval_windows=4)
+  per_layer = 20 * 8 + 2 * 2 * 5  # kept per position and layer: 20 widths, 2 heads x context
+  head = 2 * 8 + 3 * 256  # embeddings and logits
+  train = 2 * 3 * 5 * (2 * per_layer + head)  # doubled for the backward pass
+  evaluation = 4 * 5 * (per_layer + head)  # 4 windows forward, one layer at a time
+  assert lm_config.activation_bytes(cfg) == 4 * max(train, evaluation)
+  # Evaluation dominates with a long context and a batch of 1: 128 windows at a time.
+  long = lm_config.LMConfig(batch_size=1, context=4096)
+  assert lm_config.activation_bytes(long) == 4 * 128 * 4096 * (20 * 64 + 2 * 2 * 4096 + 2 * 64
+                                                               + 3 * 256)
+
+
+def test_sizes_beyond_memory_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+  out = tmp_path / "out"
+  err = _exit_message(["--task", "lm", "--batch-size", "100000", "--context", "100000",
+                       "--out", str(out)], capsys)
+  assert re.search(r"--batch-size 100000 with --context 100000 \(--width 64, --layers 2, "
+                   r"--heads 2\) needs about [\d.]+ GiB of activations, more than this "
+                   r"machine's [\d.]+ GiB of memory; lower --batch-size or --context", err), err
+  # The limit is the machine's memory: the defaults pass, and fail below their need.
+  cfg = demo.config_from_args(["--task", "lm"])
+  monkeypatch.setattr(lm_config, "memory_bytes", lambda: lm_config.activation_bytes(cfg) - 1)
+  err = _exit_message(["--task", "lm"], capsys)
+  assert "--batch-size 16 with --context 64" in err
+  monkeypatch.setattr(lm_config, "memory_bytes", lambda: lm_config.activation_bytes(cfg))
+  assert demo.config_from_args(["--task", "lm"]) == cfg
+  assert not out.exists()
+
+
 def test_lm_defaults_quick_and_shared_flags():
   cfg = demo.config_from_args(["--task", "lm"])
   assert cfg == lm_config.LMConfig()
@@ -133,6 +164,13 @@ def test_tiny_lm_run_writes_results_and_figures(tmp_path, capsys):
   assert demo.main(TINY + ["--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "Baseline learning-rate sweep" in printed and "AdamWT" in printed
+  from test_demo import assert_readable_in_a_file  # pylint: disable=import-outside-toplevel
+  assert_readable_in_a_file(printed, rows=2)
+  # Titles on their own line, whole.
+  assert any(line.startswith("QAT of a byte-level transformer on the stdlib, 24 steps, "
+                             "validation bits per byte over seeds (full precision: ")
+             for line in printed.splitlines())
+  assert stat.S_IMODE((out / "results.json").stat().st_mode) == 0o644
   results = json.loads((out / "results.json").read_text())
   rows = results["summary"]
   assert [(r["bits"], r["method"], r["seeds"]) for r in rows] == [(2, "sgd", 2), (2, "talr", 2)]
@@ -201,3 +239,25 @@ def test_both_arms_count_one_rate_per_layer_on_the_sampled_grid(method):
   up = counted.prev_levels["blocks"]["mlp"]["up"]["kernel"].shape
   assert up[0] == 2 and np.prod(up[1:]) <= 32
   assert oscillation.last_direction["blocks"]["mlp"]["up"]["kernel"].shape == up
+
+
+def test_train_arm_of_the_lm_task_for_a_study():
+  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
+  task = runner.task_of("lm")
+  cfg = lm_config.LMConfig(steps=8, fp_steps=4, eval_every=4, eval_windows=8, width=16,
+                           context=16, batch_size=4)
+  data = task.load(cfg)
+  fp_model = task.pretrain(cfg, data, 0, None)
+  record = runner.train_arm("lm", cfg, data, fp_model, bits=2, seed=1, method="sgd",
+                            lr_scale=3.0)
+  assert (record["bits"], record["seed"], record["method"]) == (2, 1, "sgd")
+  assert record["evals"]["step"] == [4, 8]
+  assert record["final_bits_per_byte"] == record["evals"]["bits_per_byte"][-1]
+  trace = record["trace"]
+  assert all(len(trace[key]) == 8 for key in ("k", "K", "R", "U", "lr", "loss", "osc"))
+  # The baseline's learning rate: lr_scale times the cosine from cfg.lr, after each update.
+  step = np.arange(1, 9)
+  np.testing.assert_allclose(trace["lr"], 3.0 * 3e-4 * (1 + np.cos(np.pi * step / 8)) / 2,
+                             rtol=1e-5, atol=1e-12)  # a float32 schedule
+  assert record["learning_rate"] == pytest.approx(9e-4)
+  assert record["late_oscillation_frequency"] == trace["osc"][-1]  # 10 % of 8 steps: 1

@@ -13,21 +13,40 @@ two QAT runs start from it:
   transition-adaptive learning rate that makes their transition rate follow
   the cosine target ``R_0 = 5e-3 * sqrt(b)`` (Lee et al., ICCV 2025).
 
-Results go to ``--out``: ``results.json`` (every figure and per-step trace)
-and four PNG figures. ``--checkpoint-dir`` makes runs resumable.
+Results go to ``--out``: ``results.json`` (every figure and per-step trace;
+mode 0o644, readable by everyone as the figures are) and five PNG figures
+(``rate_tracking``, ``learning_rates``, ``accuracy``, ``weight_changes``,
+``oscillations``); ``--task lm`` draws ``bits_per_byte`` in place of
+``accuracy`` and adds ``lr_sweep``: six. ``--checkpoint-dir`` makes runs
+resumable. On a terminal a progress bar runs; in a file or a pipe each epoch
+(or evaluation) prints one plain line, and the tables keep each row on one
+line. The tables' terms (md2tp, late oscillation frequency, ``|K-R|/R0``)
+are explained below them.
 
-Modules, one job each: :mod:`~talr_optax.demo.cli` (flags and their checks),
-:mod:`~talr_optax.demo.tasks` (data, models, loss and score of each task),
-:mod:`~talr_optax.demo.data` (loaders), :mod:`~talr_optax.demo.optim`
-(parameter groups), :mod:`~talr_optax.demo.train` (one run),
-:mod:`~talr_optax.demo.runs` (all runs, results), :mod:`~talr_optax.demo.store`
-(checkpoints), :mod:`~talr_optax.demo.summary` and
-:mod:`~talr_optax.demo.plots` (table and figures). The language-model task
-(``--task lm``) has its own modules: :mod:`~talr_optax.demo.lm_config`
-(settings, flags), :mod:`~talr_optax.demo.lm_data` (the standard library's
-bytes), :mod:`~talr_optax.demo.lm_train` (one run) and
-:mod:`~talr_optax.demo.lm_runs` (the procedure, results). The library never imports
-this package; the data loaders need neither Flax nor Orbax.
+One runner, two tasks. :mod:`~talr_optax.demo.runner` holds what every task
+shares, once: the per-step traces, the record of a QAT run (tracking error,
+late oscillation frequency, md2tp histogram), the summary over seeds, the
+progress display, writing the results, and :func:`~talr_optax.demo.runner.train_arm`
+(one arm of a task for one seed, for scripts that study the demo's runs).
+A task contributes its data, model, optimizer arms, training step and the
+order of its runs:
+
+* the image tasks (``--dataset digits`` or ``cifar10``):
+  :mod:`~talr_optax.demo.runs` (their runs), :mod:`~talr_optax.demo.tasks`
+  (data, models, loss and score), :mod:`~talr_optax.demo.data` (loaders),
+  :mod:`~talr_optax.demo.optim` (the arms' parameter groups),
+  :mod:`~talr_optax.demo.train` (one run), :mod:`~talr_optax.demo.store`
+  (``--checkpoint-dir``);
+* the language model (``--task lm``): :mod:`~talr_optax.demo.lm_runs`
+  (pretraining, the baseline's sweep, seeds), :mod:`~talr_optax.demo.lm_config`
+  (settings, flags), :mod:`~talr_optax.demo.lm_data` (the standard library's
+  bytes), :mod:`~talr_optax.demo.lm_train` (model, arms, step, one run).
+
+:mod:`~talr_optax.demo.cli` checks every flag before any work, and
+:mod:`~talr_optax.demo.plots` draws the figures. The library never imports
+this package; the data loaders need neither Flax nor Orbax. Without the
+``demo`` extra (Flax, scikit-learn, matplotlib, rich, Orbax) the command
+says so: ``pip install -e ".[demo]"``.
 """
 
 import importlib
@@ -40,7 +59,9 @@ _EXPORTS = {
     "build_parser": "cli",
     "config_from_args": "cli",
     "main": "cli",
-    "run": "runs",
+    "run": "runner",
+    "train_arm": "runner",
+    "task_of": "runner",
     "RunStore": "store",
     "Interrupted": "train",
 }

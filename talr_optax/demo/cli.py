@@ -1,9 +1,14 @@
 """The command line, ``python -m talr_optax.demo [flags]``.
 
 Every flag is checked here, before any work starts: a bad value exits with
-status 2 and a message naming the flag and what it accepts. The one check
-that needs the data (``--batch-size`` against the training-set size) runs as
-soon as the data is loaded, before any training, with the same status.
+status 2 and a message naming the flag and what it accepts. That includes
+an ``--out`` or ``--checkpoint-dir`` this process cannot write (tried with a
+temporary file), and ``--task lm`` sizes whose activations would not fit in
+the machine's memory (:func:`talr_optax.demo.lm_config.activation_bytes`).
+The one check that needs the data (``--batch-size`` against the
+training-set size) runs as soon as the data is loaded, before any training,
+with the same status. Without the ``demo`` extra the command says which
+modules are missing and how to install them (status 1).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -73,8 +79,19 @@ def _not_empty(flag: str, text: str) -> str:
   return text
 
 
+def _writable(directory: Path) -> str | None:
+  """Why a file cannot be created in ``directory``, or None if it can."""
+  # A real file, not os.access: that answers for root as if nothing were
+  # read-only, and knows nothing of read-only mounts on every platform.
+  try:
+    with tempfile.TemporaryFile(dir=directory):
+      return None
+  except OSError as e:
+    return e.strerror or type(e).__name__
+
+
 def _existing_or_new_directory(flag: str) -> Callable[[str], str]:
-  """A directory that exists or can be created: not empty, no file in the way."""
+  """A directory that exists or can be created: not empty, no file in the way, writable."""
 
   def check(text: str) -> str:
     path = Path(_not_empty(flag, text)).absolute()
@@ -83,6 +100,10 @@ def _existing_or_new_directory(flag: str) -> Callable[[str], str]:
         if not p.is_dir():
           what = "is a file" if p == path else f"is inside {p}, a file"
           raise ValueError(f"{flag} must be a directory, but {text} {what}")
+        if (why := _writable(p)) is not None:
+          what = "is not writable" if p == path else f"cannot be created in {p}"
+          raise ValueError(f"{flag} must be a directory this process can write, but "
+                           f"{text} {what} ({why})")
         break
     return text
 
@@ -109,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--fp-epochs", type=_positive_int("--fp-epochs"), default=None,
                  help="full-precision pretraining epochs (default 15 on digits)")
   p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
-                 help="batch size, at most the training-set size "
-                      "(default 32 on digits and --task lm, 256 on cifar10)")
+                 help="batch size, at most the training-set size (default "
+                      f"{TASKS['digits'].defaults.batch_size} on digits, "
+                      f"{TASKS['cifar10'].defaults.batch_size} on cifar10, "
+                      f"{lm_config.LMConfig.batch_size} windows with --task lm)")
   p.add_argument("--rule", choices=("multiplicative", "additive"), default="multiplicative",
                  help="TALR rule (default: multiplicative, the better-tracking one here)")
   p.add_argument("--optimizer", choices=tuple(BASE_LR), default="sgd",
@@ -197,17 +220,28 @@ def config_from_args(argv: Sequence[str] | None = None,
   return cfg
 
 
+# What the demo imports beyond the core (the "demo" extra), by module name.
+DEMO_MODULES = ("flax", "matplotlib", "rich")
+EXTRA = 'pip install -e ".[demo]" (in a clone; from PyPI: pip install "talr_optax[demo]")'
+
+
+def missing_modules(cfg: DemoConfig | lm_config.LMConfig) -> list[str]:
+  """The modules of the ``demo`` extra that ``cfg``'s run needs and cannot import."""
+  needed = DEMO_MODULES + (("sklearn",) if getattr(cfg, "dataset", None) == "digits" else ())
+  return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the demo; 0 on success, 1 for missing or corrupt files, 2 for bad flags."""
   parser = build_parser()
   cfg = config_from_args(argv, parser)
-  from talr_optax.demo import runs  # pylint: disable=import-outside-toplevel
+  if missing := missing_modules(cfg):
+    print(f"error: the demo needs {', '.join(missing)}, not installed here; install the "
+          f"demo extra: {EXTRA}", file=sys.stderr)
+    return 1
+  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
   try:
-    if isinstance(cfg, lm_config.LMConfig):
-      from talr_optax.demo import lm_runs  # pylint: disable=import-outside-toplevel
-      lm_runs.run(cfg)
-    else:
-      runs.run(cfg)
+    runner.run(cfg)
   except UsageError as e:
     parser.error(str(e))
   except (OSError, ValueError) as e:

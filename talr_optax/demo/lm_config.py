@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any, Callable
 
 from talr_optax import _checks
 
 # Method keys as in the digits task ("sgd": the baseline), with AdamW names.
 LM_LABELS = {"sgd": "AdamW", "talr": "AdamWT"}
-WEIGHT_DECAY = 1e-4
 # Validation: every 10th file of the standard library is held out.
 VAL_EVERY = 10
+# Validation windows per compiled evaluation call.
+EVAL_BATCH = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +183,51 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
   if cfg.width % cfg.heads:
     parser.error(f"--heads must divide --width, got --width = {cfg.width}, --heads = "
                  f"{cfg.heads}")
+  _check_memory(parser, cfg)
   return cfg
+
+
+def activation_bytes(cfg: LMConfig) -> int:
+  """An estimate of the peak memory of a training step's activations, in bytes.
+
+  Per window position and layer a pre-norm block keeps about ``20 * width``
+  float32 values for the backward pass (norms, query/key/value, attention
+  output, the 4x MLP and its activation, residuals) and ``2 * heads * context``
+  attention scores and probabilities; the logits add ``3 * 256`` per position.
+  The backward pass holds about as much again. Evaluation runs
+  ``min(eval_windows, EVAL_BATCH)`` windows forward, one layer at a time.
+
+  Args:
+    cfg: the task's settings.
+
+  Returns:
+    The larger of the training step's and the evaluation's estimate.
+  """
+  per_layer = 20 * cfg.width + 2 * cfg.heads * cfg.context
+  head = 2 * cfg.width + 3 * 256
+  train = 2 * cfg.batch_size * cfg.context * (cfg.layers * per_layer + head)
+  evaluation = min(cfg.eval_windows, EVAL_BATCH) * cfg.context * (per_layer + head)
+  return 4 * max(train, evaluation)
+
+
+def memory_bytes() -> int | None:
+  """This machine's physical memory, or None where the platform does not say."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+    return None
+
+
+def _check_memory(parser: argparse.ArgumentParser, cfg: LMConfig) -> None:
+  """Refuses sizes whose activations cannot fit in this machine's memory."""
+  need, limit = activation_bytes(cfg), memory_bytes()
+  if limit is None or need <= limit:
+    return
+  gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+  parser.error(
+      f"--batch-size {cfg.batch_size} with --context {cfg.context} (--width {cfg.width}, "
+      f"--layers {cfg.layers}, --heads {cfg.heads}) needs about {gib(need)} of activations, "
+      f"more than this machine's {gib(limit)} of memory; lower --batch-size or --context")
 
 
 def check_not_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

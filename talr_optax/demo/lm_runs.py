@@ -13,52 +13,25 @@ Procedure (``python -m talr_optax.demo --task lm``):
    sqrt(b)``, one rate per layer), from the same model and the same data.
 
 Writes ``results.json`` (configuration, data and model facts, the sweep, the
-summary, every run with its per-step traces) and the figures.
+summary, every run with its per-step traces) and six figures. The model, data,
+optimizer arms and step are in :mod:`~talr_optax.demo.lm_train`; what every
+task shares (progress, record, summary, output) in
+:mod:`~talr_optax.demo.runner`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
-import talr_optax as talr
 from talr_optax import nnx as tnnx
-from talr_optax.demo import lm_data, lm_train, plots, store
-from talr_optax.demo.config import METHODS
-from talr_optax.demo.lm_config import VAL_EVERY, LMConfig
-
-
-class _Bar:
-  """The progress bar: one tick per training step (pretraining and QAT)."""
-
-  def __init__(self, cfg: LMConfig):
-    from rich import progress as rp  # pylint: disable=import-outside-toplevel
-    self._bar = rp.Progress(
-        rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-        rp.TimeElapsedColumn(), rp.TextColumn("{task.fields[status]}"))
-    self._task = self._bar.add_task("steps", total=total_steps(cfg), status="")
-
-  def __enter__(self) -> "_Bar":
-    self._bar.__enter__()
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    self._bar.__exit__(*exc)
-
-  def describe(self, text: str) -> None:
-    self._bar.update(self._task, description=text)
-
-  def report(self, steps: int, status: str) -> None:
-    """The ``progress`` callback of :mod:`talr_optax.demo.lm_train`."""
-    self._bar.update(self._task, advance=steps, status=status)
+from talr_optax.demo import lm_train, runner
+from talr_optax.demo.lm_config import LMConfig
+from talr_optax.demo.lm_train import LMData
+from talr_optax.demo.runner import Progress
 
 
 def total_steps(cfg: LMConfig) -> int:
@@ -104,41 +77,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values))
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """The summary rows of ``results.json``.
-
-  Args:
-    runs: records of :func:`lm_train.run_qat`.
-
-  Returns:
-    One row per (bits, method): seeds, learning rate, bits per byte (mean
-    and std over seeds), mean tracking error, mean late oscillation
-    frequency, mean md2tp.
-  """
-  rows = []
-  for bits in sorted({r["bits"] for r in runs}):
-    for method in METHODS:
-      sel = [r for r in runs if r["bits"] == bits and r["method"] == method]
-      if not sel:
-        continue
-      mean, std = _mean_std([r["final_bits_per_byte"] for r in sel])
-      rows.append({
-          "bits": bits, "method": method, "seeds": len(sel),
-          "learning_rate": sel[0]["learning_rate"],
-          "bits_per_byte_mean": mean, "bits_per_byte_std": std,
-          "tracking_error_mean": float(np.mean([r["tracking_error"] for r in sel])),
-          "late_oscillation_frequency_mean": float(np.mean(
-              [r["late_oscillation_frequency"] for r in sel])),
-          "md2tp_mean": float(np.mean([r["md2tp_histogram"]["mean"] for r in sel])),
-      })
-  return rows
-
-
 def paired_differences(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """TALR minus baseline bits per byte, seed by seed (same start, same data).
 
   Args:
-    runs: records of :func:`lm_train.run_qat`.
+    runs: records of the QAT runs.
 
   Returns:
     One row per bit width: the differences, their mean and std, and on how
@@ -162,77 +105,55 @@ def _sweep_row(record: dict[str, Any]) -> dict[str, Any]:
   return {key: record[key] for key in keys}
 
 
-def _width(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model: nnx.Module,
-           bits: int, bar: _Bar) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _width(cfg: LMConfig, data: LMData, fp_model: nnx.Module, bits: int,
+           progress: Progress) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """The sweep (seed 0) and the runs of every seed at ``bits``."""
-  qat = lambda seed, method, scale=1.0: lm_train.run_qat(
-      cfg, corpus, val, fp_model, bits, seed, method, scale, progress=bar.report)
-  bar.describe(f"W{bits}: baseline sweep, seed 0")
+  qat = lambda seed, method, scale=1.0: runner.train_arm(  # noqa: E731
+      TASK, cfg, data, fp_model, bits=bits, seed=seed, method=method, lr_scale=scale,
+      progress=progress)
+  progress.describe(f"W{bits}: baseline sweep, seed 0")
   sweep = [qat(0, "sgd", scale) for scale in cfg.baseline_lrs]
   best = min(sweep, key=lambda r: r["final_bits_per_byte"])
   runs = [best]
   for seed in range(cfg.seeds):
-    bar.describe(f"W{bits}: seed {seed}")
+    progress.describe(f"W{bits}: seed {seed}")
     if seed > 0:
       runs.append(qat(seed, "sgd", best["lr_scale"]))
     runs.append(qat(seed, "talr"))
   return [_sweep_row(r) | {"chosen": r is best} for r in sweep], runs
 
 
-def _load_average() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:  # pragma: no cover - not on every platform
-    return None
+def _procedure(cfg: LMConfig, data: LMData, progress: Progress
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Pretraining, then the sweep and the seeds of each bit width."""
+  sweep, runs = [], []
+  progress.describe("full-precision pretraining")
+  fp_model, pretraining = lm_train.pretrain(cfg, data, 0, progress)
+  for bits in cfg.bits:
+    width_sweep, width_runs = _width(cfg, data, fp_model, bits, progress)
+    sweep += width_sweep
+    runs += width_runs
+  return runs, {
+      "config": {"weight_only": True},
+      "data": data.corpus.facts | {"eval_windows": cfg.eval_windows,
+                                   "eval_bytes_predicted": cfg.eval_windows * cfg.context},
+      "model": {f"W{bits}": model_facts(cfg, bits) for bits in cfg.bits},
+      "pretraining": pretraining,
+      "sweep": sweep,
+      "paired": paired_differences(runs),
+  }
 
 
 def run(cfg: LMConfig) -> dict[str, Any]:
-  """Runs the language-model task; writes ``results.json`` and the figures to ``cfg.out``.
+  """Runs the language-model task (see :func:`talr_optax.demo.runner.run`).
 
   Args:
     cfg: the task's settings.
 
   Returns:
     The results, as written to ``results.json``.
-
-  Raises:
-    FileNotFoundError, ValueError: no standard library source, or a split
-      shorter than one window.
   """
-  start = time.perf_counter()
-  load_start = _load_average()
-  corpus = lm_data.load_stdlib(val_every=VAL_EVERY, min_bytes=cfg.context + 1)
-  val = lm_data.fixed_windows(corpus.val, cfg.context + 1, cfg.eval_windows)
-  sweep, runs = [], []
-  with _Bar(cfg) as bar:
-    bar.describe("full-precision pretraining")
-    fp_model, pretraining = lm_train.pretrain(cfg, corpus, val, 0, progress=bar.report)
-    for bits in cfg.bits:
-      width_sweep, width_runs = _width(cfg, corpus, val, fp_model, bits, bar)
-      sweep += width_sweep
-      runs += width_runs
-  results = {
-      "config": {**dataclasses.asdict(cfg), "method_labels": cfg.labels, "weight_only": True},
-      "data": corpus.facts | {"eval_windows": cfg.eval_windows,
-                              "eval_bytes_predicted": cfg.eval_windows * cfg.context},
-      "model": {f"W{bits}": model_facts(cfg, bits) for bits in cfg.bits},
-      "pretraining": pretraining,
-      "sweep": sweep,
-      "summary": summarize(runs),
-      "paired": paired_differences(runs),
-      "runs": runs,
-      "seconds": time.perf_counter() - start,
-      "load_average": {"start": load_start, "end": _load_average()},
-      "versions": {"jax": jax.__version__, "optax": optax.__version__,
-                   "talr_optax": talr.__version__},
-  }
-  out = Path(cfg.out)
-  store.write_json_atomic(out / "results.json", results)
-  figures = plots.plot_all(results, out)
-  print_tables(cfg, results)
-  print(f"wrote {out / 'results.json'} and {len(figures)} figures to {out}/ "
-        f"in {results['seconds']:.0f} s")
-  return results
+  return runner.run(cfg)
 
 
 def print_tables(cfg: LMConfig, results: dict[str, Any]) -> None:
@@ -240,33 +161,34 @@ def print_tables(cfg: LMConfig, results: dict[str, Any]) -> None:
 
   Args:
     cfg: the task's settings (for the method names).
-    results: as returned by :func:`run`.
+    results: as written to ``results.json``.
   """
-  from rich.console import Console  # pylint: disable=import-outside-toplevel
   from rich.table import Table  # pylint: disable=import-outside-toplevel
 
-  console = Console()
-  sweep = Table(title=f"Baseline learning-rate sweep ({cfg.labels['sgd']}, seed 0)")
+  console = runner.console()
+  sweep = Table()
   for col in ("bits", "peak lr", "val bits/byte", "mean |K-R|/R0", "late osc. freq.", ""):
-    sweep.add_column(col, justify="right")
+    sweep.add_column(col, justify="right", no_wrap=True)
   for r in results["sweep"]:
     sweep.add_row(f"W{r['bits']}", f"{r['learning_rate']:.1e}", f"{r['final_bits_per_byte']:.4f}",
                   f"{r['tracking_error']:.3f}", f"{r['late_oscillation_frequency']:.2e}",
                   "chosen" if r["chosen"] else "")
-  console.print(sweep)
+  runner.print_table(f"Baseline learning-rate sweep ({cfg.labels['sgd']}, seed 0)", sweep)
   fp = results["pretraining"]["final_bits_per_byte"]
-  table = Table(title=f"QAT of a byte-level transformer on the stdlib, {cfg.steps} steps, "
-                      f"validation bits per byte over seeds (full precision: {fp:.4f})")
-  for col in ("bits", "optimizer", "peak lr", "seeds", "val bits/byte", "mean |K-R|/R0",
-              "late osc. freq."):
-    table.add_column(col, justify="right")
-  for r in results["summary"]:
-    table.add_row(f"W{r['bits']}", cfg.labels[r["method"]], f"{r['learning_rate']:.1e}",
-                  str(r["seeds"]), f"{r['bits_per_byte_mean']:.4f} ± {r['bits_per_byte_std']:.4f}",
-                  f"{r['tracking_error_mean']:.3f}",
-                  f"{r['late_oscillation_frequency_mean']:.2e}")
-  console.print(table)
+  runner.summary_table(
+      f"QAT of a byte-level transformer on the stdlib, {cfg.steps} steps, validation bits "
+      f"per byte over seeds (full precision: {fp:.4f})", results["summary"], SCORE,
+      lambda bits: f"W{bits}", cfg.labels)
   for p in results["paired"]:
     console.print(f"W{p['bits']}: {cfg.labels['talr']} - {cfg.labels['sgd']} = "
                   f"{p['mean']:+.4f} ± {p['std']:.4f} bits/byte (paired over {p['seeds']} "
                   f"seeds; {cfg.labels['talr']} lower on {p['talr_better_on']})")
+
+
+SCORE = runner.Score("bits_per_byte", "final_bits_per_byte", "val bits/byte", digits=4)
+
+TASK = runner.TaskDef(
+    name="lm", unit="steps", total=total_steps, load=lm_train.load,
+    pretrain=lambda cfg, data, seed, progress=None: lm_train.pretrain(cfg, data, seed,
+                                                                      progress)[0],
+    train_arm=lm_train.run_qat, procedure=_procedure, score=SCORE, print_tables=print_tables)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +25,30 @@ from flax import nnx
 import talr_optax as talr
 from talr_optax import nnx as tnnx
 from talr_optax.demo import lm_data
-from talr_optax.demo.config import METHODS
-from talr_optax.demo.lm_config import WEIGHT_DECAY, LMConfig
-from talr_optax.demo.train import TRACE_KEYS, md2tp, step_metrics, tracking_error
+from talr_optax.demo.config import WEIGHT_DECAY
+from talr_optax.demo.lm_config import EVAL_BATCH, VAL_EVERY, LMConfig
+from talr_optax.demo.runner import (TRACE_KEYS, Progress, append_traces, md2tp,
+                                    quantized_record, step_metrics)
 
 FP = "fp"
-_EVAL_BATCH = 128
-_HIST_BINS = 25
-# progress(steps=, status=) after every evaluation.
-Progress = Callable[..., None]
+
+
+class LMData(NamedTuple):
+  """What every run of the task reads: the corpus and the fixed validation windows."""
+
+  corpus: lm_data.ByteCorpus
+  val: np.ndarray
+
+
+def load(cfg: LMConfig) -> LMData:
+  """The standard library's bytes and ``cfg.eval_windows`` validation windows of ``context + 1``.
+
+  Raises:
+    FileNotFoundError, ValueError: no standard library source, or a split
+      shorter than one window.
+  """
+  corpus = lm_data.load_stdlib(val_every=VAL_EVERY, min_bytes=cfg.context + 1)
+  return LMData(corpus, lm_data.fixed_windows(corpus.val, cfg.context + 1, cfg.eval_windows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +94,8 @@ class Arm:
     return talr.cosine_target(self.r0, self.steps)
 
 
-def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0) -> optax.GradientTransformation:
+def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0,
+              then: Sequence[optax.GradientTransformation] = ()) -> optax.GradientTransformation:
   """The optimizer of ``arm`` for ``model`` (two parameter groups in QAT).
 
   Quantized kernels: AdamWT with the cosine target (``method="talr"``), or
@@ -94,6 +110,8 @@ def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0) -> optax.Gradien
     model: the model, possibly traced (inside the compiled step).
     lr_scale: the baseline's multiple of the cosine learning rate (a float
       or a traced scalar); unused by the other methods.
+    then: stages appended to the quantized kernels' chain in QAT, after the
+      oscillation monitor (e.g. a study's own ``track_transitions``).
 
   Returns:
     An ``optax`` transformation over ``nnx.state(model, nnx.Param)``.
@@ -115,7 +133,7 @@ def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0) -> optax.Gradien
         talr.track_transitions(levels_fn, arm.target(), ema_momentum=arm.ema_momentum,
                                layer_axes=axes, sample_size=arm.sample_size))
   quantized = optax.chain(quantized, talr.track_oscillations(
-      levels_fn, layer_axes=axes, sample_size=arm.sample_size))
+      levels_fn, layer_axes=axes, sample_size=arm.sample_size), *then)
   return optax.partition({tnnx.QUANTIZED: quantized, tnnx.FULL_PRECISION: full_precision},
                          tnnx.param_labels(model))
 
@@ -149,27 +167,40 @@ def next_byte_loss(model: nnx.Module, windows: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
 
 
-@functools.partial(nnx.jit, static_argnums=0)
-def train_step(arm: Arm, model: nnx.Module, opt_state: Any, lr_scale: jax.Array,
-               windows: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
-  """One update of ``model`` (in place), compiled once per ``arm``.
+def update(arm: Arm, model: nnx.Module, opt_state: Any, lr_scale: jax.Array,
+           windows: jax.Array, then: Sequence[optax.GradientTransformation] = ()
+           ) -> tuple[jax.Array, Any]:
+  """One update of ``model`` (in place), not compiled: :func:`train_step` compiles it.
 
   Args:
-    arm: the run's settings (static).
+    arm: the run's settings.
     model: the model; its parameters are updated in place.
-    opt_state: the state of ``optimizer(arm, model)``.
+    opt_state: the state of ``optimizer(arm, model, lr_scale, then)``.
     lr_scale: the baseline's learning-rate multiple (a float32 scalar).
     windows: ``(B, T + 1)`` byte ids.
+    then: see :func:`optimizer`.
 
   Returns:
-    ``(loss, opt_state, rates)``: the mean loss before the update, the new
-    optimizer state and :func:`talr_optax.demo.train.step_metrics` of it.
+    ``(loss, opt_state)``: the mean loss before the update and the new state.
   """
   loss, grads = nnx.value_and_grad(lambda m: next_byte_loss(m, windows).mean())(model)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
-  updates, opt_state = optimizer(arm, model, lr_scale).update(
+  updates, opt_state = optimizer(arm, model, lr_scale, then).update(
       nnx.as_pure(grads), opt_state, params)
   nnx.update(model, optax.apply_updates(params, updates))
+  return loss, opt_state
+
+
+@functools.partial(nnx.jit, static_argnums=0)
+def train_step(arm: Arm, model: nnx.Module, opt_state: Any, lr_scale: jax.Array,
+               windows: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+  """:func:`update`, compiled once per ``arm``, and the mean rates of the new state.
+
+  Returns:
+    ``(loss, opt_state, rates)``: as :func:`update`, and
+    :func:`talr_optax.demo.runner.step_metrics` of the new state.
+  """
+  loss, opt_state = update(arm, model, opt_state, lr_scale, windows)
   return loss, opt_state, step_metrics(opt_state)
 
 
@@ -190,8 +221,8 @@ def bits_per_byte(model: nnx.Module, windows: np.ndarray) -> float:
     Bits per predicted byte, averaged over all ``N * T`` predictions.
   """
   model.eval()
-  total = sum(float(_nll_sum(model, jnp.asarray(windows[i:i + _EVAL_BATCH])))
-              for i in range(0, len(windows), _EVAL_BATCH))
+  total = sum(float(_nll_sum(model, jnp.asarray(windows[i:i + EVAL_BATCH])))
+              for i in range(0, len(windows), EVAL_BATCH))
   model.train()
   return total / (windows[:, 1:].size * math.log(2))
 
@@ -207,8 +238,8 @@ class _Run:
   rng: np.random.Generator
 
 
-def _train(cfg: LMConfig, run: _Run, corpus: lm_data.ByteCorpus, val: np.ndarray,
-           progress: Progress | None, name: str) -> dict[str, Any]:
+def _train(cfg: LMConfig, run: _Run, data: LMData, progress: Progress | None,
+           name: str) -> dict[str, Any]:
   """Trains ``run`` for its steps; per-step traces and the validation curve."""
   traces: dict[str, list[float]] = {key: [] for key in TRACE_KEYS}
   quantized = run.arm.bits is not None
@@ -220,46 +251,36 @@ def _train(cfg: LMConfig, run: _Run, corpus: lm_data.ByteCorpus, val: np.ndarray
     chunk = min(cfg.eval_every, run.arm.steps - done)
     pending = []
     for _ in range(chunk):
-      windows = lm_data.random_windows(corpus.train, cfg.context + 1, cfg.batch_size, run.rng)
+      windows = lm_data.random_windows(data.corpus.train, cfg.context + 1, cfg.batch_size,
+                                       run.rng)
       loss, run.opt_state, m = train_step(run.arm, run.model, run.opt_state, scale,
                                           jnp.asarray(windows))
       pending.append((loss, m))
-    for loss, m in jax.device_get(pending):  # one transfer per chunk, not per step
-      done_step = len(traces["loss"]) + 1
-      traces["loss"].append(float(loss))
-      if target is None:
-        continue
-      # Entry n is the state after update n, as in the digits task.
-      lr_n = float(lr(done_step)) * (run.lr_scale if run.arm.method == "sgd" else 1.0)
-      traces["lr"].append(lr_n)
-      traces["k"].append(float(m["k"]))
-      traces["K"].append(float(m["K"]))
-      traces["R"].append(float(m["R"]) if "R" in m else float(target(done_step)))
-      traces["U"].append(float(m["U"]) if "U" in m else lr_n)
-      traces["osc"].append(float(m["osc"]))
+    # One transfer per chunk, not per step.
+    append_traces(traces, jax.device_get(pending), lr, target,
+                  run.lr_scale if run.arm.method == "sgd" else 1.0)
     done += chunk
     evals["step"].append(done)
-    evals["bits_per_byte"].append(bits_per_byte(run.model, val))
+    evals["bits_per_byte"].append(bits_per_byte(run.model, data.val))
     if quantized:
       evals["md2tp_mean"].append(float(np.mean(md2tp(run.model))))
     if progress is not None:
-      progress(steps=chunk, status=(
+      progress.advance(chunk, (
           f"{name} step {done}/{run.arm.steps} loss {np.mean(traces['loss'][-chunk:]):.3f} "
           f"val {evals['bits_per_byte'][-1]:.3f} bits/byte"))
   return {"trace": {k: v for k, v in traces.items() if v},
           "evals": {k: v for k, v in evals.items() if v}}
 
 
-def pretrain(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, seed: int,
+def pretrain(cfg: LMConfig, data: LMData, seed: int,
              progress: Progress | None = None) -> tuple[nnx.Module, dict[str, Any]]:
   """Pretrains the full-precision model that QAT starts from.
 
   Args:
     cfg: the task's settings (``fp_steps``, ``fp_lr``, model sizes).
-    corpus: the training bytes.
-    val: validation windows.
+    data: :func:`load`'s corpus and validation windows.
     seed: seed of the initial parameters and of the data order.
-    progress: called after every evaluation.
+    progress: advanced after every evaluation.
 
   Returns:
     ``(model, info)``: the trained model and its validation curve.
@@ -270,7 +291,7 @@ def pretrain(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, seed: i
   run = _Run(arm, model, optimizer(arm, model).init(params), 1.0,
              np.random.default_rng(10_000 + seed))
   model.train()
-  log = _train(cfg, run, corpus, val, progress, f"seed {seed} FP")
+  log = _train(cfg, run, data, progress, f"seed {seed} FP")
   return model, {"seed": seed, "steps": cfg.fp_steps, "evals": log["evals"],
                  "final_bits_per_byte": log["evals"]["bits_per_byte"][-1]}
 
@@ -286,53 +307,44 @@ def _final_groups(opt_state: Any) -> dict[str, dict[str, float]]:
   return out
 
 
-def run_qat(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model: nnx.Module,
-            bits: int, seed: int, method: str, lr_scale: float = 1.0,
-            progress: Progress | None = None) -> dict[str, Any]:
-  """One QAT run from ``fp_model``.
+def run_qat(cfg: LMConfig, data: LMData, fp_model: nnx.Module, bits: int, seed: int,
+            method: str, lr_scale: float = 1.0, progress: Progress | None = None
+            ) -> dict[str, Any]:
+  """One QAT run from ``fp_model`` (use it through ``runner.train_arm``).
 
   Both methods of a seed draw the same training windows (the same ``rng``
   seed), so their difference is the optimizer's alone.
 
   Args:
-    cfg: the task's settings.
-    corpus: the training bytes.
-    val: validation windows.
+    cfg: the task's settings; the run lasts ``cfg.steps``.
+    data: :func:`load`'s corpus and validation windows.
     fp_model: the pretrained full-precision model (not modified).
     bits: weight bits.
     seed: seed of the data order (and of the unused initial parameters).
     method: ``"sgd"`` (the AdamW baseline) or ``"talr"`` (AdamWT).
     lr_scale: the baseline's multiple of ``cfg.lr``.
-    progress: called after every evaluation.
+    progress: advanced after every evaluation.
 
   Returns:
     The run's record for ``results.json``: final and per-evaluation bits
-    per byte, tracking error, late oscillation frequency, final per-group
-    rates, md2tp histogram and per-step traces.
-
-  Raises:
-    ValueError: an unknown ``method``.
+    per byte, final per-group rates, per-step traces and
+    ``runner.quantized_record``'s tracking error, late oscillation
+    frequency and md2tp histogram.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   model = make_model(cfg, bits, seed)
   tnnx.load_full_precision(model, fp_model)
   rng = np.random.default_rng(seed)
   tnnx.calibrate(model, jnp.asarray(
-      lm_data.random_windows(corpus.train, cfg.context, cfg.batch_size, rng)))
+      lm_data.random_windows(data.corpus.train, cfg.context, cfg.batch_size, rng)))
   arm = Arm(method, bits, cfg.steps, cfg.lr, cfg.lam, cfg.rule, cfg.ema_momentum,
             cfg.sample_size)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   run = _Run(arm, model, optimizer(arm, model, lr_scale).init(params), lr_scale, rng)
   model.train()
-  start_bpb = bits_per_byte(model, val)
+  start_bpb = bits_per_byte(model, data.val)
   label = f"seed {seed} W{bits} {cfg.labels[method]}" + (
       f" x{lr_scale:g}" if method == "sgd" else "")
-  log = _train(cfg, run, corpus, val, progress, label)
-  d = md2tp(model)
-  counts, edges = np.histogram(d, bins=_HIST_BINS, range=(0.0, 0.5), density=True)
-  trace = log["trace"]
-  late = trace["osc"][-max(1, len(trace["osc"]) // 10):]
+  log = _train(cfg, run, data, progress, label)
   return {
       "bits": bits,
       "seed": seed,
@@ -342,11 +354,7 @@ def run_qat(cfg: LMConfig, corpus: lm_data.ByteCorpus, val: np.ndarray, fp_model
       "start_bits_per_byte": start_bpb,
       "final_bits_per_byte": log["evals"]["bits_per_byte"][-1],
       "evals": log["evals"],
-      "tracking_error": tracking_error(trace, arm.r0),
-      "r0": arm.r0,
-      "late_oscillation_frequency": float(np.mean(late)),
+      **quantized_record(model, log["trace"], arm.r0),
       "groups": _final_groups(run.opt_state),
-      "md2tp_histogram": {"edges": edges.tolist(), "density": counts.tolist(),
-                          "mean": float(np.mean(d))},
-      "trace": trace,
+      "trace": log["trace"],
   }

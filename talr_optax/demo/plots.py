@@ -238,7 +238,12 @@ def plot_sweep(results: dict[str, Any], out: Path) -> Path:
 
 
 def plot_all(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
-  """Writes the figures of a demo run to ``out_dir``; returns their paths."""
+  """Writes the figures of a demo run to ``out_dir``; returns their paths.
+
+  Five for the image tasks (rate tracking, learning rates, accuracy, weight
+  changes, oscillations); six for the language model (bits per byte in place
+  of accuracy, and the baseline's learning-rate sweep).
+  """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   score = plot_bits_per_byte if results["config"].get("task") == "lm" else plot_accuracy

@@ -1,140 +1,129 @@
-"""The whole demo: every seed, bit width and method; then results and figures."""
+"""The image tasks (``--dataset digits``, ``cifar10``): their runs, in the runner's terms.
+
+Per seed: a full-precision model is pretrained, then two QAT runs (the
+baseline and TALR) start from it for each bit width. With
+``--checkpoint-dir`` every run is resumable (:mod:`~talr_optax.demo.store`).
+The data, models and loss are in :mod:`~talr_optax.demo.tasks`, the
+optimizer arms in :mod:`~talr_optax.demo.optim`, one run in
+:mod:`~talr_optax.demo.train`; what every task shares (progress, record,
+summary, output) in :mod:`~talr_optax.demo.runner`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import time
-from pathlib import Path
 from typing import Any
 
-import jax
-import optax
-
-import talr_optax as talr
-from talr_optax.demo import data, plots, store, summary, train
+from talr_optax.demo import data, runner, store, train
 from talr_optax.demo.config import METHODS, DemoConfig
+from talr_optax.demo.runner import Progress
 from talr_optax.demo.tasks import TASKS, Task, check_batch_size, make_model
 
 
-class _Bar:
-  """The progress bar: one tick per epoch of pretraining or QAT."""
+def _load(cfg: DemoConfig) -> data.Dataset:
+  dataset = TASKS[cfg.dataset].load(cfg)
+  check_batch_size(cfg, dataset)
+  return dataset
 
-  def __init__(self, cfg: DemoConfig):
-    from rich import progress as rp  # pylint: disable=import-outside-toplevel
-    self._cfg = cfg
-    self._bar = rp.Progress(
-        rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-        rp.TimeElapsedColumn(), rp.TextColumn("{task.fields[status]}"))
-    total = cfg.seeds * (cfg.fp_epochs + 2 * len(cfg.bits) * cfg.epochs)
-    self._task = self._bar.add_task("epochs", total=total, status="")
 
-  def __enter__(self) -> "_Bar":
-    self._bar.__enter__()
-    return self
+def _total_epochs(cfg: DemoConfig) -> int:
+  return cfg.seeds * (cfg.fp_epochs + 2 * len(cfg.bits) * cfg.epochs)
 
-  def __exit__(self, *exc: Any) -> None:
-    self._bar.__exit__(*exc)
 
-  def advance(self, epochs: int = 1) -> None:
-    self._bar.advance(self._task, epochs)
+def _pretrain(cfg: DemoConfig, dataset: data.Dataset, seed: int,
+              progress: Progress | None) -> Any:
+  return train.pretrain_full_precision(cfg, TASKS[cfg.dataset], dataset, seed, progress)
 
-  def describe(self, text: str) -> None:
-    self._bar.update(self._task, description=text)
 
-  def report(self, epoch: int, loss: float, acc: float, U: float, K: float,
-             advance: int = 1) -> None:
-    """The ``progress`` callback of :func:`train.run_qat`."""
-    self._bar.update(self._task, advance=advance, status=(
-        f"epoch {epoch}/{self._cfg.epochs} loss {loss:.3f} acc {100 * acc:.1f}% "
-        f"U {U:.3g} K {K:.2e}"))
+def _train_arm(cfg: DemoConfig, dataset: data.Dataset, fp_model: Any, bits: int, seed: int,
+               method: str, lr_scale: float, progress: Progress | None, **kwargs: Any
+               ) -> dict[str, Any]:
+  if lr_scale != 1.0:
+    raise ValueError(f"lr_scale must be 1 on the image tasks (their baseline has no sweep), "
+                     f"got {lr_scale!r}")
+  return train.run_qat(cfg, TASKS[cfg.dataset], dataset, fp_model, bits, seed, method,
+                       progress=progress, **kwargs)
 
 
 def _full_precision(cfg: DemoConfig, task: Task, dataset: data.Dataset, seed: int,
-                    run_store: store.RunStore | None, bar: _Bar):
+                    run_store: store.RunStore | None, progress: Progress):
   """The pretrained model of ``seed``: read from the store, or trained (and stored)."""
   if run_store is None:
-    return train.pretrain_full_precision(cfg, task, dataset, seed, bar.advance)
+    return train.pretrain_full_precision(cfg, task, dataset, seed, progress)
   with run_store.full_precision_checkpoints(seed) as checkpoints:
     if checkpoints.latest_step() is None:
-      model = train.pretrain_full_precision(cfg, task, dataset, seed, bar.advance)
+      model = train.pretrain_full_precision(cfg, task, dataset, seed, progress)
       checkpoints.save(cfg.fp_epochs, train.nnx_state(model=model), meta={})
       return model
     model = make_model(cfg, None, seed, dataset.num_classes)
     _, saved, _ = checkpoints.restore(train.nnx_state(model=model))
     train.load_nnx_state(saved, model=model)
-    bar.advance(cfg.fp_epochs)
+    progress.advance(cfg.fp_epochs)
     return model
 
 
-def _qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: Any, bits: int,
-         seed: int, method: str, run_store: store.RunStore | None, bar: _Bar,
+def _qat(cfg: DemoConfig, dataset: data.Dataset, fp_model: Any, bits: int, seed: int,
+         method: str, run_store: store.RunStore | None, progress: Progress,
          interrupt_after: int | None) -> dict[str, Any]:
-  bar.describe(f"seed {seed} W{bits}A{bits} {cfg.labels[method]:>5}")
+  progress.describe(f"seed {seed} W{bits}A{bits} {cfg.labels[method]:>5}")
   checkpoints = run_store.run_checkpoints(bits, seed, method) if run_store else None
   with checkpoints or contextlib.nullcontext():
-    record = train.run_qat(cfg, task, dataset, fp_model, bits, seed, method,
-                           progress=bar.report, checkpoints=checkpoints,
-                           interrupt_after=interrupt_after)
+    record = _train_arm(cfg, dataset, fp_model, bits, seed, method, 1.0, progress,
+                        checkpoints=checkpoints, interrupt_after=interrupt_after)
   if run_store is not None:
     run_store.save_finished(bits, seed, method, record)
   return record
 
 
-def _seed(cfg: DemoConfig, task: Task, dataset: data.Dataset, seed: int,
-          run_store: store.RunStore | None, bar: _Bar, interrupt_after: int | None
-          ) -> list[dict[str, Any]]:
+def _seed(cfg: DemoConfig, dataset: data.Dataset, seed: int, run_store: store.RunStore | None,
+          progress: Progress, interrupt_after: int | None) -> list[dict[str, Any]]:
   """The records of every run of ``seed``: finished ones read back, others trained."""
   keys = [(bits, method) for bits in cfg.bits for method in METHODS]
   records = {(b, m): run_store.finished(b, seed, m) if run_store else None for b, m in keys}
   todo = [key for key in keys if records[key] is None]
-  bar.advance(cfg.epochs * (len(keys) - len(todo)))
+  progress.advance(cfg.epochs * (len(keys) - len(todo)))
   if not todo:
-    bar.advance(cfg.fp_epochs)
+    progress.advance(cfg.fp_epochs)
     return [records[key] for key in keys]
-  bar.describe(f"seed {seed}: full-precision pretraining")
-  fp_model = _full_precision(cfg, task, dataset, seed, run_store, bar)
+  progress.describe(f"seed {seed}: full-precision pretraining")
+  fp_model = _full_precision(cfg, TASKS[cfg.dataset], dataset, seed, run_store, progress)
   for bits, method in todo:
-    records[bits, method] = _qat(cfg, task, dataset, fp_model, bits, seed, method,
-                                 run_store, bar, interrupt_after)
+    records[bits, method] = _qat(cfg, dataset, fp_model, bits, seed, method, run_store,
+                                 progress, interrupt_after)
   return [records[key] for key in keys]
 
 
-def _results(cfg: DemoConfig, records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-  return {
-      "config": {**dataclasses.asdict(cfg), "method_labels": cfg.labels},
-      "summary": summary.summarize(records),
-      "runs": records,
-      "seconds": seconds,
-      "versions": {"jax": jax.__version__, "optax": optax.__version__,
-                   "talr_optax": talr.__version__},
-  }
+def _procedure(cfg: DemoConfig, dataset: data.Dataset, progress: Progress, *,
+               interrupt_after: int | None = None
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Every seed's runs (the store, if any, is open and locked meanwhile)."""
+  with store.RunStore(cfg) if cfg.checkpoint_dir else contextlib.nullcontext() as run_store:
+    records = [record for seed in range(cfg.seeds)
+               for record in _seed(cfg, dataset, seed, run_store, progress, interrupt_after)]
+  return records, {}
+
+
+SCORE = runner.Score("accuracy", "final_test_accuracy", "test acc. (%)", scale=100.0)
+
+
+def _print_tables(cfg: DemoConfig, results: dict[str, Any]) -> None:
+  runner.summary_table(
+      f"QAT on {cfg.dataset} ({cfg.model}), {cfg.epochs} epochs, test accuracy over seeds",
+      results["summary"], SCORE, lambda bits: f"{bits}/{bits}", cfg.labels)
+
+
+TASK = runner.TaskDef(
+    name="digits", unit="epochs", total=_total_epochs, load=_load, pretrain=_pretrain,
+    train_arm=_train_arm, procedure=_procedure, score=SCORE, descending_bits=True,
+    print_tables=_print_tables)
 
 
 def run(cfg: DemoConfig, *, interrupt_after: int | None = None) -> dict[str, Any]:
-  """Runs the whole demo; writes ``results.json`` and the figures to ``cfg.out``.
+  """Runs the whole demo of an image task (see :func:`talr_optax.demo.runner.run`).
 
-  Raises:
-    UsageError: a flag does not fit the data (checked before any training).
-    FileNotFoundError, ValueError: missing or corrupt data or checkpoints.
-    train.Interrupted: from ``interrupt_after``, a hook that interrupts the
-      first QAT run that trains that many epochs in this call (tests of
-      resuming).
+  Args:
+    cfg: the settings.
+    interrupt_after: a hook that raises ``train.Interrupted`` in the first
+      QAT run that trains that many epochs in this call (tests of resuming).
   """
-  start = time.perf_counter()
-  task = TASKS[cfg.dataset]
-  dataset = task.load(cfg)
-  check_batch_size(cfg, dataset)
-  with contextlib.ExitStack() as stack:
-    run_store = stack.enter_context(store.RunStore(cfg)) if cfg.checkpoint_dir else None
-    bar = stack.enter_context(_Bar(cfg))
-    records = [record for seed in range(cfg.seeds)
-               for record in _seed(cfg, task, dataset, seed, run_store, bar, interrupt_after)]
-  results = _results(cfg, records, time.perf_counter() - start)
-  out = Path(cfg.out)
-  store.write_json_atomic(out / "results.json", results)
-  figures = plots.plot_all(results, out)
-  summary.print_table(cfg, results["summary"])
-  print(f"wrote {out / 'results.json'} and {len(figures)} figures to {out}/ "
-        f"in {results['seconds']:.0f} s")
-  return results
+  return runner.run(cfg, interrupt_after=interrupt_after)

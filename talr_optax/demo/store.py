@@ -9,8 +9,9 @@ Layout of the directory::
   seed{s}_w{b}_{method}/record.json    a finished run's record
 
 Checkpoints are written by Orbax's ``CheckpointManager``; :class:`Checkpoints`
-adds the three checks it lacks (see there). Orbax is imported only when a
-:class:`Checkpoints` is created.
+adds only the three checks it lacks (see there). The rest is the demo's,
+not a checkpoint's: ``config.json``, the lock and the finished records.
+Orbax is imported only when a :class:`Checkpoints` is created.
 """
 
 from __future__ import annotations
@@ -43,13 +44,22 @@ class CorruptCheckpointError(ValueError):
   """A checkpoint on disk cannot be read back as it was written."""
 
 
+# Mode of the JSON files written: readable by everyone, as the figures are
+# (mkstemp alone would leave them readable by their owner only).
+JSON_MODE = 0o644
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-  """Writes via a temporary file: a failed run never leaves a half-written file."""
+  """Writes via a temporary file: a failed run never leaves a half-written file.
+
+  The file gets mode :data:`JSON_MODE`.
+  """
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
   try:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f)
+    os.chmod(tmp, JSON_MODE)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -170,14 +180,15 @@ def _check_structure(where: Path, saved: Any, like: Any) -> None:
 class Checkpoints:
   """Numbered checkpoints of one run: Orbax's ``CheckpointManager`` plus three checks.
 
-  Orbax alone replaces a step that another manager of the same directory has
-  just written, restores into a target that has ``None`` where the checkpoint
-  has an array by dropping that array (and casts other dtypes to the
-  target's), and reports a damaged file by whatever error its reader raises,
-  or not at all. Here a step on disk is never written again, the checkpoint
-  must hold exactly the arrays (paths, shapes, dtypes) of the target, and an
-  unreadable or altered checkpoint (a SHA-256 of the arrays is saved with
-  them) is a :class:`CorruptCheckpointError` naming it.
+  Orbax alone skips or replaces, without a word, a step that another manager
+  of the same directory has just written; restores into a target that has
+  ``None`` where the checkpoint has an array by dropping that array (and
+  casts other dtypes to the target's); and reports a damaged file by
+  whatever error its reader raises, or not at all (its checksums cover the
+  chunk index, not the data). Here a step on disk is never written again,
+  the checkpoint must hold exactly the arrays (paths, shapes, dtypes) of the
+  target, and an unreadable or altered checkpoint (a SHA-256 of the arrays
+  is saved with them) is a :class:`CorruptCheckpointError` naming it.
 
   Args:
     directory: one sub-directory per step is written here (created if missing).

@@ -11,41 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import talr_optax as talr
 from talr_optax import nnx as tnnx
 from talr_optax.demo import data, optim
 from talr_optax.demo.config import DemoConfig
+from talr_optax.demo.runner import (TRACE_KEYS, Progress, append_traces, md2tp,
+                                    quantized_record, step_metrics)
 from talr_optax.demo.store import Checkpoints
 from talr_optax.demo.tasks import Task, make_model
 
-_HIST_BINS = 25
 _EVAL_BATCH = 500
-# Steps at the start of a run left out of the tracking error: K starts at R_0
-# and needs ~1/(1-m) steps to reflect the measured rate.
-_WARMUP_FRACTION = 0.1
-TRACE_KEYS = ("k", "K", "R", "U", "lr", "loss", "osc")
-# progress(epoch=, loss=, acc=, U=, K=, advance=1) after every epoch.
-Progress = Callable[..., None]
 
 
 class Interrupted(RuntimeError):
   """Raised by the ``interrupt_after`` test hook of :func:`run_qat`."""
 
-
-def step_metrics(opt_state: Any) -> dict[str, jax.Array]:
-  """Mean over rate groups of k, K, R, U and the oscillation frequency ``osc``.
-
-  R and U only under TALR; ``osc`` where ``talr.track_oscillations`` runs.
-  """
-  m = talr.metrics(opt_state)
-  out = {}
-  for name, prefix in (("k", "transition_rate/"), ("K", "ema_transition_rate/"),
-                       ("R", "target_transition_rate/"), ("U", "talr/"),
-                       ("osc", "mean_oscillation_frequency/")):
-    values = [v for key, v in m.items() if key.startswith(prefix)]
-    if values:
-      out[name] = jnp.mean(jnp.stack(values))
-  return out
 
 
 # Module-level, with the task static: runs of one model share the compiled
@@ -96,7 +75,7 @@ def load_nnx_state(saved: dict[str, Any], **objects: Any) -> None:
 
 
 def pretrain_full_precision(cfg: DemoConfig, task: Task, dataset: data.Dataset, seed: int,
-                            progress: Callable[[], None] | None = None) -> nnx.Module:
+                            progress: Progress | None = None) -> nnx.Module:
   """Trains the full-precision model that QAT of this seed starts from."""
   model = make_model(cfg, None, seed, dataset.num_classes)
   total = cfg.fp_epochs * steps_per_epoch(cfg, dataset)
@@ -107,22 +86,8 @@ def pretrain_full_precision(cfg: DemoConfig, task: Task, dataset: data.Dataset, 
     for x, y in _epoch(cfg, task, dataset, rng):
       train_step(task, model, optimizer, jnp.asarray(x), jnp.asarray(y))
     if progress is not None:
-      progress()
+      progress.advance(1)
   return model
-
-
-def md2tp(model: nnx.Module) -> np.ndarray:
-  """Distance of every quantized weight to its nearest transition point."""
-  parts = []
-  for _, layer in tnnx.quantized_layers(model):
-    if layer.weight_bits is None:
-      continue
-    # weight_scale_for: per-layer scales shaped to broadcast over a stacked kernel.
-    d = talr.distance_to_transition(layer.kernel[...], layer.weight_scale_for(),
-                                    layer.weight_bits)
-    # Binary distances live in [0, 1]; halve them to share the [0, 0.5] axis.
-    parts.append(np.asarray(d).ravel() * (0.5 if layer.weight_bits == 1 else 1.0))
-  return np.concatenate(parts)
 
 
 @dataclasses.dataclass
@@ -175,52 +140,30 @@ def _setup(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mod
 
 def _train_epoch(run: _Qat, cfg: DemoConfig, dataset: data.Dataset,
                  traces: dict[str, list[float]]) -> None:
-  """One epoch; appends a value per step to each trace.
-
-  Entry n describes the state after update n: the transitions ``k`` that
-  update caused, and ``K``, ``R``, ``U`` and the schedule's ``lr`` that update
-  n + 1 will use (the TALR state holds ``R(n+1)`` and ``U_(n+1)``).
-  """
+  """One epoch; appends a value per step to each trace (see ``runner.append_traces``)."""
   pending = [train_step(run.task, run.model, run.optimizer, jnp.asarray(x), jnp.asarray(y))
              for x, y in _epoch(cfg, run.task, dataset, run.rng)]
-  step = len(traces["k"])
-  for loss, m in jax.device_get(pending):  # one transfer per epoch, not per step
-    step += 1
-    lr = float(run.lr(step))
-    traces["loss"].append(float(loss))
-    traces["k"].append(float(m["k"]))
-    traces["K"].append(float(m["K"]))
-    # The baseline has no target of its own: log the one TALR follows.
-    traces["R"].append(float(m["R"]) if "R" in m else float(run.target(step)))
-    traces["lr"].append(lr)
-    traces["U"].append(float(m["U"]) if "U" in m else lr)
-    traces["osc"].append(float(m["osc"]))
-
-
-def tracking_error(traces: dict[str, list[float]], r0: float) -> float:
-  """Mean |K - R| / R_0 after the warm-up."""
-  K, R = np.asarray(traces["K"]), np.asarray(traces["R"])
-  start = int(_WARMUP_FRACTION * len(K))
-  return float(np.mean(np.abs(K[start:] - R[start:])) / r0)
+  # One transfer per epoch, not per step.
+  append_traces(traces, jax.device_get(pending), run.lr, run.target)
 
 
 def _record(run: _Qat, log: RunLog, bits: int, seed: int, method: str) -> dict[str, Any]:
   """The run's entry of ``results.json``."""
-  d = md2tp(run.model)
-  counts, edges = np.histogram(d, bins=_HIST_BINS, range=(0.0, 0.5), density=True)
   return {
       "bits": bits,
       "seed": seed,
       "method": method,
       "final_test_accuracy": log.accs[-1],
       "test_accuracy_per_epoch": log.accs,
-      "tracking_error": tracking_error(log.traces, run.r0),
-      "r0": run.r0,
       "md2tp_mean_per_epoch": log.md2tp_means,
-      "md2tp_histogram": {"edges": edges.tolist(), "density": counts.tolist(),
-                          "mean": float(np.mean(d))},
+      **quantized_record(run.model, log.traces, run.r0),
       "trace": log.traces,
   }
+
+
+def _status(cfg: DemoConfig, log: RunLog, loss: float) -> str:
+  return (f"epoch {len(log.accs)}/{cfg.epochs} loss {loss:.3f} acc {100 * log.accs[-1]:.1f}% "
+          f"U {log.traces['U'][-1]:.3g} K {log.traces['K'][-1]:.2e}")
 
 
 def _resume(run: _Qat, checkpoints: Checkpoints) -> RunLog:
@@ -246,8 +189,7 @@ def run_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mo
   if checkpoints is not None and checkpoints.latest_step() is not None:
     log = _resume(run, checkpoints)
     if progress is not None:
-      progress(epoch=len(log.accs), loss=float("nan"), acc=log.accs[-1],
-               U=log.traces["U"][-1], K=log.traces["K"][-1], advance=len(log.accs))
+      progress.advance(len(log.accs), _status(cfg, log, float("nan")))
   start = len(log.accs)
   for epoch in range(start, cfg.epochs):
     if interrupt_after is not None and epoch - start >= interrupt_after:
@@ -260,6 +202,5 @@ def run_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mo
                        log.to_json(run.rng))
     if progress is not None:
       last = log.traces["loss"][-steps_per_epoch(cfg, dataset):]
-      progress(epoch=epoch + 1, loss=float(np.mean(last)),
-               acc=log.accs[-1], U=log.traces["U"][-1], K=log.traces["K"][-1])
+      progress.advance(1, _status(cfg, log, float(np.mean(last))))
   return _record(run, log, bits, seed, method)
