@@ -113,6 +113,24 @@ def minflt() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def stepper(fn: Callable[..., Any], params: Any, state: Any, grads: Any, warmup: int
+            ) -> Callable[[], None]:
+  """A runner for :func:`time_interleaved`: one ``fn(params, state, grads)`` step.
+
+  The step's outputs replace its inputs (what a loop with donated buffers
+  does); it is called ``1 + warmup`` times here, to compile and warm up.
+  """
+  holder = {"p": params, "s": state}
+
+  def call():
+    holder["p"], holder["s"] = fn(holder["p"], holder["s"], grads)
+    jax.block_until_ready((holder["p"], holder["s"]))
+
+  for _ in range(1 + warmup):
+    call()
+  return call
+
+
 def time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int, seed: int = 0
                      ) -> dict[str, dict[str, list[float]]]:
   """Calls every runner once per round (order shuffled per round).

@@ -98,18 +98,11 @@ def run(sizes, variants, donate_modes, repeats, warmup, seed=0, sample_size=H.SA
       runners, hlo = {}, {}
       for v in variants:
         tx, fn = build(v, scales, donate, sample_size)
-        holder = {"p": _copy(params0)}
-        holder["s"] = tx.init(holder["p"])
-        hlo[v] = H.hlo_summary(fn.lower(holder["p"], holder["s"], grads).compile().as_text(),
+        params = _copy(params0)
+        state = tx.init(params)
+        hlo[v] = H.hlo_summary(fn.lower(params, state, grads).compile().as_text(),
                                n, n_tensors)
-
-        def call(holder=holder, fn=fn):
-          holder["p"], holder["s"] = fn(holder["p"], holder["s"], grads)
-          jax.block_until_ready((holder["p"], holder["s"]))
-
-        for _ in range(1 + warmup):
-          call()
-        runners[v] = call
+        runners[v] = H.stepper(fn, params, state, grads, warmup)
       load0 = H.loadavg()
       t0 = time.perf_counter()
       raw = H.time_interleaved(runners, repeats, seed)
@@ -140,7 +133,7 @@ def run(sizes, variants, donate_modes, repeats, warmup, seed=0, sample_size=H.SA
           f" {repeats} rounds in {wall:.1f} s, load {load0} -> {load1}",
           ["variant", "median ms", "IQR ms", "ratio [paired IQR]", "faults", "ns/w",
            "HLO B/w", "lev/cnt/copy B/w", "ops/tensor", "waits"], rows)
-      del runners, holder
+      del runners
       gc.collect()
   return results
 

@@ -24,6 +24,13 @@ On one machine (from the repository root)::
     # the same run in one process with 4 devices: the same metrics and params
     python examples/multiprocess_training.py --local-devices 4
 
+Needs Orbax: ``pip install -e ".[checkpoint]"``. The coordinator address is
+checked before JAX's distributed runtime starts (a failed start there aborts
+the process only after its timeout): it must be ``host:port`` with a port in
+1-65535 and a host that resolves; process 0 runs the coordinator, so its
+host must be an address of this machine and the port free; the other
+processes wait at most ``--init-timeout`` seconds for process 0 to listen.
+
 On real hosts (one process per host), what changes:
 
 * ``--coordinator`` is ``<address of host 0>:<port>`` reachable from every
@@ -44,6 +51,8 @@ On real hosts (one process per host), what changes:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import errno
 import os
 import shutil
 import socket
@@ -81,9 +90,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--launch", type=int, default=None, metavar="N",
                       help="spawn N processes of this script on this machine and wait")
-  parser.add_argument("--coordinator", default=None, help="host:port of process 0")
-  parser.add_argument("--num-processes", type=int, default=1)
-  parser.add_argument("--process-id", type=int, default=0)
+  parser.add_argument("--coordinator", default=None,
+                      help="host:port of process 0 ([host]:port for IPv6)")
+  parser.add_argument("--num-processes", type=int, default=None, help="default 1")
+  parser.add_argument("--process-id", type=int, default=None, help="default 0")
+  parser.add_argument("--init-timeout", type=int, default=60,
+                      help="seconds to wait for the coordinator and the other processes")
   parser.add_argument("--local-devices", type=int, default=2,
                       help="CPU devices of this process")
   parser.add_argument("--data", type=int, default=2, help="size of the mesh axis 'data'")
@@ -100,16 +112,158 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args.save_at = args.steps // 2 if args.save_at is None else args.save_at
   if args.steps < 2 or not 1 <= args.save_at < args.steps:
     parser.error("need --steps >= 2 and 1 <= --save-at < --steps")
-  if args.launch is not None and args.launch < 1:
-    parser.error("--launch must be >= 1")
+  if args.launch is not None:
+    _check_launch(parser, args)
+  args.num_processes = 1 if args.num_processes is None else args.num_processes
+  args.process_id = 0 if args.process_id is None else args.process_id
   if args.launch is None and not 0 <= args.process_id < args.num_processes:
-    parser.error("need 0 <= --process-id < --num-processes")
+    parser.error(f"need 0 <= --process-id < --num-processes, got --process-id "
+                 f"{args.process_id} and --num-processes {args.num_processes}")
   if args.num_processes > 1 and args.launch is None and not (args.coordinator
                                                              and args.ckpt_dir):
     parser.error("several processes need --coordinator and a shared --ckpt-dir")
+  if args.coordinator is not None:
+    try:
+      args.coordinator_host, args.coordinator_port = parse_coordinator(args.coordinator)
+    except ValueError as e:
+      parser.error(str(e))
+  if args.init_timeout < 1:
+    parser.error(f"--init-timeout must be >= 1 second, got {args.init_timeout}")
   if args.local_devices < 1 or args.data < 1 or not args.lr > 0:
     parser.error("--local-devices and --data must be >= 1, --lr > 0")
   return args
+
+
+def _check_launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """``--launch N`` gives each process its id, the process count and a coordinator."""
+  if args.launch < 1:
+    parser.error(f"--launch must be >= 1, got {args.launch}")
+  if args.num_processes is not None and args.num_processes != args.launch:
+    parser.error(f"--num-processes {args.num_processes} conflicts with --launch "
+                 f"{args.launch}: --launch starts {args.launch} processes and passes "
+                 "--num-processes itself; drop --num-processes")
+  for flag, value in (("--process-id", args.process_id),
+                      ("--coordinator", args.coordinator)):
+    if value is not None:
+      parser.error(f"{flag} cannot be combined with --launch, which gives each process "
+                   f"its own {flag}; drop {flag} (or start the processes yourself "
+                   "without --launch)")
+
+
+def parse_coordinator(address: str) -> tuple[str, int]:
+  """``"host:port"`` (``"[::1]:port"`` for IPv6) as ``(host, port)``.
+
+  Args:
+    address: the ``--coordinator`` value.
+
+  Returns:
+    The host (without brackets) and the port, an int in 1-65535.
+
+  Raises:
+    ValueError: naming what is wrong with ``address``.
+  """
+  host, sep, port = address.rpartition(":")
+  example = "e.g. 127.0.0.1:12355 or [::1]:12355"
+  if not sep or not host or not port:
+    raise ValueError(f"--coordinator must be host:port ({example}), got {address!r}")
+  if host.startswith("[") and host.endswith("]"):
+    host = host[1:-1]
+  elif ":" in host:
+    raise ValueError(f"--coordinator {address!r}: write an IPv6 host in brackets, "
+                     f"[host]:port ({example})")
+  if not port.isdigit():
+    raise ValueError(f"--coordinator {address!r}: the port {port!r} is not a number")
+  if not 1 <= int(port) <= 65535:
+    raise ValueError(f"--coordinator {address!r}: the port {int(port)} is outside 1-65535")
+  return host, int(port)
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[tuple[Any, ...]]:
+  """``socket.getaddrinfo`` for a TCP connection, or SystemExit after ``timeout`` s."""
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    return pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM
+                       ).result(timeout=timeout)
+  except socket.gaierror as e:
+    raise SystemExit(f"error: --coordinator host {host!r} does not resolve ({e}); "
+                     "give host 0's address or name") from None
+  except concurrent.futures.TimeoutError:
+    raise SystemExit(f"error: --coordinator host {host!r} did not resolve within "
+                     f"{timeout:g} s; give host 0's IP address") from None
+  finally:
+    pool.shutdown(wait=False)
+
+
+def _check_port_free(port: int) -> None:
+  """Binds ``port`` on every interface, as JAX's coordinator service will."""
+  for family, wildcard in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((wildcard, port))
+      return
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise SystemExit(f"error: port {port} of --coordinator is in use on this machine "
+                         "(another run, or another program); pick a free port, or let "
+                         "--launch pick one") from None
+      if family == socket.AF_INET:
+        raise SystemExit(f"error: cannot open port {port} of --coordinator: {e}") from None
+      # No IPv6 here: try IPv4.
+
+
+def check_coordinator(host: str, port: int, process_id: int, wait: float,
+                      resolve_timeout: float = 5.0) -> None:
+  """Fails within seconds, with a message, where the distributed runtime would abort later.
+
+  Process 0 runs the coordinator: ``host`` must be an address of this machine
+  and ``port`` free. Every other process waits up to ``wait`` seconds for a
+  TCP connection to it (process 0 may start later), saying after a few
+  seconds what it waits for.
+
+  Args:
+    host: the coordinator's host, as ``parse_coordinator`` returns it.
+    port: its port.
+    process_id: this process's rank.
+    wait: seconds a process other than 0 waits for the coordinator.
+    resolve_timeout: seconds allowed for resolving ``host``.
+
+  Raises:
+    SystemExit: with the cause, e.g. a host that does not resolve, a port in
+      use, or no coordinator listening after ``wait`` seconds.
+  """
+  addresses = _resolve(host, port, resolve_timeout)
+  if process_id == 0:
+    for family, kind, proto, _, sockaddr in addresses:
+      try:
+        with socket.socket(family, kind, proto) as s:
+          s.bind((sockaddr[0], 0) + tuple(sockaddr[2:]))
+        break
+      except OSError:
+        continue
+    else:
+      raise SystemExit(f"error: process 0 runs the coordinator, but --coordinator host "
+                       f"{host!r} is not an address of this machine; start process 0 on "
+                       "that host, or give this machine's address")
+    _check_port_free(port)
+    return
+  start = time.monotonic()
+  told = False
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=1.0).close()
+      return
+    except OSError as e:
+      last = e
+    waited = time.monotonic() - start
+    if waited > wait:
+      raise SystemExit(f"error: no coordinator at {host}:{port} after {wait:.0f} s "
+                       f"(last: {last}); is process 0 running with --coordinator "
+                       f"{host}:{port}? (--init-timeout sets the wait)")
+    if waited > 3 and not told:
+      print(f"process {process_id}: waiting up to {wait:.0f} s for process 0's coordinator "
+            f"at {host}:{port} ({last})", file=sys.stderr, flush=True)
+      told = True
+    time.sleep(0.2)
 
 
 def start_jax(args: argparse.Namespace) -> None:
@@ -117,10 +271,19 @@ def start_jax(args: argparse.Namespace) -> None:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", args.local_devices)
   if args.num_processes > 1:
+    # JAX's runtime aborts the process (after its timeout) on a bad address:
+    # check it first, so that a mistake gets a message in seconds.
+    check_coordinator(args.coordinator_host, args.coordinator_port, args.process_id,
+                      wait=args.init_timeout)
+    if args.process_id == 0:
+      print(f"process 0: coordinator on port {args.coordinator_port}; waiting up to "
+            f"{args.init_timeout} s for all {args.num_processes} processes to connect",
+            file=sys.stderr, flush=True)
     # Cross-process collectives on CPU; GPUs and TPUs bring their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id, initialization_timeout=120)
+                               process_id=args.process_id,
+                               initialization_timeout=args.init_timeout)
 
 
 def init_params() -> dict[str, np.ndarray]:

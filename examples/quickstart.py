@@ -2,8 +2,12 @@
 
 Plain JAX + Optax: the hidden weights are fake-quantized to 2 bits with a frozen
 step size s = 3 std(w); `sgdt` moves them by the transition-adaptive learning
-rate so that their transition rate follows a cosine target.
+rate so that their transition rate follows a cosine target. It prints, at a
+few steps, the target R, the smoothed transition rate K of both runs and
+SGDT's learning rate U of w2 (docs/method.md, "What a correct run shows",
+reads them). Needs scikit-learn for the data:
 
+    pip install -e . scikit-learn
     python examples/quickstart.py
 """
 
@@ -54,14 +58,15 @@ def train(make_tx, params, scales, data, seed=0):
     return optax.apply_updates(params, updates), state, loss
 
   rng = np.random.default_rng(seed)
-  ema_rate = {}  # K of w2 after some updates (the state after update n holds K_(n+1))
+  # Metrics of w2 after some updates (the state after update n holds K_(n+1), U_(n+1)).
+  log = {}
   for n in range(STEPS):
     idx = rng.integers(0, len(x), 64)
     params, state, loss = step(params, state, x[idx], y[idx])
     if (n + 1) in CHECKPOINTS:
-      ema_rate[n + 1] = float(talr.metrics(state)["ema_transition_rate/w2"])
+      log[n + 1] = {k: float(v) for k, v in talr.metrics(state).items() if k.endswith("/w2")}
   acc = float(jnp.mean(jnp.argmax(forward(params, scales, xt), -1) == yt))
-  return acc, state, ema_rate
+  return acc, state, log
 
 
 def main():
@@ -75,15 +80,16 @@ def main():
   # stage of the chain: it counts the transitions of the final updates.
   sgd = lambda: optax.chain(optax.sgd(LR, momentum=0.9), talr.track_transitions(levels_fn, target))
   sgdt = lambda: talr.sgdt(LR, target, levels_fn, momentum=0.9)
-  acc_sgd, _, k_sgd = train(sgd, params, scales, data)
-  acc_sgdt, state, k_sgdt = train(sgdt, params, scales, data)
+  acc_sgd, _, log_sgd = train(sgd, params, scales, data)
+  acc_sgdt, state, log_sgdt = train(sgdt, params, scales, data)
   m = talr.metrics(state)
   print(f"W{BITS} MLP on digits, {STEPS} steps")
   print(f"  test accuracy  SGD: {acc_sgd:.3f}   SGDT: {acc_sgdt:.3f}")
-  print("  transition rate of w2 (EMA K) against the target R:")
+  print("  transition rate of w2 (EMA K) against the target R, and SGDT's U:")
   for n in CHECKPOINTS:
-    print(f"    step {n:4d}  R {float(target(n)):.2e}   SGD K {k_sgd[n]:.2e}"
-          f"   SGDT K {k_sgdt[n]:.2e}")
+    k = "ema_transition_rate/w2"
+    print(f"    step {n:4d}  R {float(target(n)):.2e}   SGD K {log_sgd[n][k]:.2e}"
+          f"   SGDT K {log_sgdt[n][k]:.2e}   U {log_sgdt[n]['talr/w2']:.3g}")
   print(f"  TALR U of w2: start {LR:.3g}, end {float(m['talr/w2']):.3g}")
 
 

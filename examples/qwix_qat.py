@@ -8,6 +8,9 @@ crosses a transition point (by default Qwix recomputes the scale every step).
 (For a model with stacked layers under ``nnx.scan``, also pass
 ``layer_axes=levels_fn.layer_axes`` to ``sgdt`` to give each layer its own rate.)
 
+Needs the ``qwix`` extra and scikit-learn (for the data)::
+
+    pip install -e ".[qwix]" scikit-learn
     python examples/qwix_qat.py
 """
 
@@ -16,9 +19,9 @@ import numpy as np
 import optax
 from flax import nnx
 import qwix
+from sklearn import datasets, model_selection
 
 import talr_optax
-from talr_optax.demo import data
 import talr_optax.qwix as tq
 
 BITS, PRETRAIN_STEPS, QAT_STEPS, BATCH, LR = 2, 300, 800, 64, 0.05
@@ -27,6 +30,17 @@ BITS, PRETRAIN_STEPS, QAT_STEPS, BATCH, LR = 2, 300, 800, 64, 0.05
 # norm) left up to half the weights there and TALR raised U without bound.
 WEIGHT_DECAY = 5e-4
 RULES = [qwix.QtRule(module_path="fc2|fc3", weight_qtype=f"int{BITS}")]
+
+
+def load_digits():
+  """scikit-learn's 8x8 digits: ``(train, test)`` pairs of images ``(n, 64)``
+  and labels; 360 images held out (stratified), pixels standardised with the
+  training images' mean and std."""
+  x, y = datasets.load_digits(return_X_y=True)
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      x.astype(np.float32), y.astype(np.int32), test_size=360, random_state=0, stratify=y)
+  mean, std = x_train.mean(), x_train.std()
+  return ((x_train - mean) / std, y_train), ((x_test - mean) / std, y_test)
 
 
 class MLP(nnx.Module):
@@ -57,29 +71,30 @@ def accuracy(model, x, y):
 
 
 def train(model, tx, split, steps, seed, log_every=None):
-  """``steps`` SGD steps on random batches; returns the optimizer and a log of
-  ``(step, talr_optax.metrics)`` every ``log_every`` steps."""
+  """``steps`` SGD steps on random batches of ``split = (images, labels)``;
+  returns the optimizer and a log of ``(step, talr_optax.metrics)`` every
+  ``log_every`` steps."""
+  images, labels = split
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   rng = np.random.default_rng(seed)
   log = []
   for step in range(1, steps + 1):
-    idx = rng.integers(0, len(split.labels), BATCH)
-    train_step(model, optimizer, split.images[idx], split.labels[idx])
+    idx = rng.integers(0, len(labels), BATCH)
+    train_step(model, optimizer, images[idx], labels[idx])
     if log_every and step % log_every == 0:
       log.append((step, talr_optax.metrics(nnx.as_pure(optimizer.opt_state))))
   return optimizer, log
 
 
 def main():
-  digits = data.load_digits()
-  test = (digits.test.images, digits.test.labels)
+  train_split, test = load_digits()
 
   # QAT starts from a full-precision model, as in the paper.
   model = MLP(rngs=nnx.Rngs(0))
-  train(model, optax.sgd(LR, momentum=0.9), digits.train, PRETRAIN_STEPS, seed=0)
+  train(model, optax.sgd(LR, momentum=0.9), train_split, PRETRAIN_STEPS, seed=0)
   print(f"full precision: test accuracy {float(accuracy(model, *test)):.3f}")
 
-  x_example = digits.train.images[:BATCH]
+  x_example = train_split[0][:BATCH]
   rules = tq.frozen_scale_rules(model, RULES)
   qt_model = qwix.quantize_model(model, qwix.QtProvider(rules), x_example)
   levels_fn = tq.levels_fn_from_qwix(qt_model, x_example)
@@ -100,7 +115,7 @@ def main():
   print(f"W{BITS} (Qwix, frozen scale) MLP on digits, {QAT_STEPS} QAT steps")
   for name, tx in runs.items():
     run_model = nnx.clone(qt_model)
-    _, log = train(run_model, tx, digits.train, QAT_STEPS, seed=1, log_every=QAT_STEPS // 4)
+    _, log = train(run_model, tx, train_split, QAT_STEPS, seed=1, log_every=QAT_STEPS // 4)
     print(f"  {name:<4} test accuracy {float(accuracy(run_model, *test)):.3f}")
     print("       step    " + "".join(f"{step:>9d}" for step, _ in log))
     for layer in ("fc2", "fc3"):

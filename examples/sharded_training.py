@@ -14,7 +14,9 @@ float32 vectors (one entry per quantized tensor, named by ``rate_names``), and
 On a machine without 8 accelerators the script asks XLA for 8 CPU devices; it
 must do that before JAX initialises, hence the flag at the top. On a
 multi-host cluster, run the same script on every host after
-``jax.distributed.initialize()`` (see the README, "Multi-host training").
+``jax.distributed.initialize()`` (see docs/sharding.md, "Several processes";
+``examples/multiprocess_training.py`` does it). Needs the ``nnx`` extra:
+``pip install -e ".[nnx]"``.
 """
 
 import argparse

@@ -3,11 +3,15 @@
 The transition-adaptive learning rate (TALR) of Lee et al., "Scheduling Weight
 Transitions for Quantization-Aware Training" (ICCV 2025), as an Optax
 transformation, with the paper's quantizers, target schedules and ready
-optimizers (SGDT, AdamT, AdamWT). Flax NNX layers live in ``talr_optax.nnx``.
+optimizers (SGDT, AdamT, AdamWT), and the oscillation remedies of Nagel et al.
+(ICML 2022) users compare it with: dampening and iterative freezing. Flax NNX layers live in ``talr_optax.nnx``.
 """
 
+from talr_optax.annealing import delayed_cosine_schedule
 from talr_optax.checkpoints import check_restorable
 from talr_optax.counting import count_transitions
+from talr_optax.dampening import DampenOscillationsState, dampen_oscillations
+from talr_optax.freezing import FreezeOscillationsState, freeze_oscillations
 from talr_optax.metrics import metrics
 from talr_optax.optimizers import adamt, adamwt, sgdt
 from talr_optax.oscillations import TrackOscillationsState, track_oscillations
@@ -17,8 +21,11 @@ from talr_optax.quantizers import (
     fake_quant_activation,
     fake_quant_weight,
     initial_activation_scale,
+    centers_fn_from_scales,
     initial_weight_scale,
+    level_values,
     levels_fn_from_scales,
+    weight_centers,
     weight_levels,
 )
 from talr_optax.schedules import cosine_target, initial_target
@@ -33,6 +40,8 @@ from talr_optax.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DampenOscillationsState",
+    "FreezeOscillationsState",
     "RateNames",
     "ScaleByTALRState",
     "TrackOscillationsState",
@@ -41,19 +50,25 @@ __all__ = [
     "adamt",
     "adamwt",
     "check_restorable",
+    "centers_fn_from_scales",
     "cosine_target",
     "count_transitions",
+    "dampen_oscillations",
+    "delayed_cosine_schedule",
     "distance_to_transition",
     "fake_quant_activation",
     "fake_quant_weight",
+    "freeze_oscillations",
     "initial_activation_scale",
     "initial_target",
     "initial_weight_scale",
+    "level_values",
     "levels_fn_from_scales",
     "metrics",
     "scale_by_talr",
     "sgdt",
     "track_oscillations",
     "track_transitions",
+    "weight_centers",
     "weight_levels",
 ]

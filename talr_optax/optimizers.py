@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from talr_optax import _checks
+from talr_optax.freezing import freeze_oscillations
 from talr_optax.transform import LevelsFn, ScalarOrSchedule, scale_by_talr
 
 __all__ = ["sgdt", "adamt", "adamwt"]
@@ -43,11 +44,26 @@ def _base_rate(learning_rate: optax.ScalarOrSchedule) -> Any:
   return value
 
 
-def _talr(learning_rate, target_transition_rate, levels_fn, **talr_args
-          ) -> optax.GradientTransformationExtraArgs:
-  return scale_by_talr(
+def _talr(learning_rate, target_transition_rate, levels_fn, *, ema_momentum,
+          freeze, **talr_args) -> optax.GradientTransformationExtraArgs:
+  talr = scale_by_talr(
       target_transition_rate, levels_fn, learning_rate=_base_rate(learning_rate),
-      fallback_learning_rate=learning_rate, **talr_args)
+      ema_momentum=ema_momentum, fallback_learning_rate=learning_rate, **talr_args)
+  threshold, centers_fn, freeze_ema_momentum = freeze
+  if threshold is None:
+    if centers_fn is not None:
+      raise ValueError(
+          "centers_fn is for the oscillation freezing, which freeze_threshold=None"
+          " leaves out: pass freeze_threshold=... or drop centers_fn.")
+    return talr
+  if centers_fn is None:
+    raise ValueError(
+        "freeze_threshold needs centers_fn (e.g. talr_optax.centers_fn_from_scales or"
+        " talr_optax.nnx.centers_fn_for) to move a frozen weight to its level.")
+  # Around TALR, so that TALR counts the snap to the frozen level (freezing.py).
+  return freeze_oscillations(levels_fn, centers_fn, threshold,
+                             ema_momentum=freeze_ema_momentum,
+                             layer_axes=talr_args.get("layer_axes"), inner=talr)
 
 
 def _chain(name: str, *stages: optax.GradientTransformation
@@ -107,6 +123,9 @@ def sgdt(
     additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
+    freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
+    centers_fn: Any = None,
+    freeze_ema_momentum: float = 0.999,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum whose quantized weights move by TALR (SGDT).
 
@@ -133,6 +152,15 @@ def sgdt(
       :func:`talr_optax.scale_by_talr`).
     sample_size: count transitions on at most this many weights per rate
       group (``None``: all).
+    freeze_threshold: ``None``, or freeze oscillating quantized weights with
+      :func:`talr_optax.freeze_oscillations` at this threshold (float or
+      schedule), wrapped around the TALR stage so that TALR counts the
+      frozen weights' snaps.
+    centers_fn: with ``freeze_threshold``: the centres function of the
+      quantizer (e.g. :func:`talr_optax.centers_fn_from_scales`).
+    freeze_ema_momentum: with ``freeze_threshold``: the ``ema_momentum`` of
+      the freezing's oscillation and level EMAs (default 0.999, the
+      reference code's).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -144,7 +172,8 @@ def sgdt(
     stages.append(optax.trace(decay=momentum, nesterov=nesterov))
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size))
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
+                      freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("sgdt", *stages)
 
 
@@ -171,6 +200,9 @@ def adamt(
     additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
+    freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
+    centers_fn: Any = None,
+    freeze_ema_momentum: float = 0.999,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam whose quantized weights move by TALR (AdamT).
 
@@ -183,7 +215,8 @@ def adamt(
   stages.append(_adam(b1, b2, eps))
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size))
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
+                      freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("adamt", *stages)
 
 
@@ -203,6 +236,9 @@ def adamwt(
     additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
+    freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
+    centers_fn: Any = None,
+    freeze_ema_momentum: float = 0.999,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose quantized weights move by TALR (AdamWT).
 
@@ -215,5 +251,6 @@ def adamwt(
   stages += _decay(weight_decay, weight_decay_mask)
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size))
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
+                      freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("adamwt", *stages)

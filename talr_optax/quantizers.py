@@ -26,7 +26,7 @@ arguments (``bits``); step sizes are checked where they are made
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,9 @@ __all__ = [
     "initial_activation_scale",
     "distance_to_transition",
     "levels_fn_from_scales",
+    "level_values",
+    "weight_centers",
+    "centers_fn_from_scales",
 ]
 
 # Levels of weights with at most 8 bits fit int8; the optimizer stores them so.
@@ -206,6 +209,56 @@ def distance_to_transition(w: jax.Array, scale: jax.typing.ArrayLike, bits: int)
   return _like_input(w, 0.5 - jnp.abs(u - jnp.round(u)))
 
 
+def level_values(levels: jax.Array, scale: jax.typing.ArrayLike, bits: int,
+                 dtype: Any = jnp.float32) -> jax.Array:
+  """The latent weight value each integer level stands for (its bin centre).
+
+  ``s * w_d / gamma`` for ``bits >= 2`` and ``s * (2 w_d - 1)`` for binary:
+  the point of the latent axis that :func:`weight_levels` maps to ``w_d`` and
+  that :func:`fake_quant_weight` returns unchanged (times ``gamma / s``
+  without ``multiply_scale``). It does not depend on ``multiply_scale``,
+  which only scales the layer's output.
+
+  Args:
+    levels: integer levels, as :func:`weight_levels` returns.
+    scale: step size ``s`` (> 0), scalar or broadcastable to ``levels``.
+    bits: weight bit width in ``[1, 8]``.
+    dtype: dtype of the result (that of the latent weights).
+
+  Returns:
+    An array shaped like ``levels`` (broadcast with ``scale``) in ``dtype``.
+  """
+  q = weight_range(bits)
+  code = jnp.asarray(levels).astype(jnp.float32)
+  if bits == 1:
+    code = 2.0 * code - 1.0
+  return (code * (_upcast(scale) / q.gamma)).astype(dtype)
+
+
+def weight_centers(w: jax.Array, scale: jax.typing.ArrayLike, bits: int) -> jax.Array:
+  """The centre of each weight's bin: the latent value of its current level.
+
+  A weight beyond the outer levels (``|gamma w / s|`` past the clip range,
+  ``|w| > s`` for binary) is its own centre: pulling it to the outer level
+  would change the clip range, which Nagel et al.'s dampening leaves alone
+  (they clip ``w`` to the quantizer's range inside the term).
+
+  Args:
+    w: latent weights.
+    scale: step size ``s`` (> 0), scalar or broadcastable to ``w``.
+    bits: weight bit width in ``[1, 8]``.
+
+  Returns:
+    An array in the dtype (and shape) of ``w``.
+  """
+  q = weight_range(bits)
+  w = jnp.asarray(w)
+  centers = level_values(weight_levels(w, scale, bits), scale, bits, w.dtype)
+  u = q.gamma * _upcast(w) / scale
+  beyond = jnp.abs(u) > 1.0 if bits == 1 else (u > q.beta) | (u < q.alpha)
+  return jnp.where(beyond, w, centers)
+
+
 def _check_scale(name: str, scale: Any) -> None:
   """A step size must be finite and > 0 everywhere (checked once, at construction)."""
   try:
@@ -223,6 +276,47 @@ def _check_scale(name: str, scale: Any) -> None:
     raise ValueError(
         f"{name} must be a finite step size > 0 (a number or a per-channel array),"
         f" got {name} = {scale!r}.")
+
+
+class _PerLeaf(NamedTuple):
+  """The step size and bit width of every leaf (``None`` for full-precision ones)."""
+
+  treedef: Any
+  scales: list[Any]
+  bits: list[Optional[int]]
+
+  def flatten(self, params: Any, owner: str) -> list[Any]:
+    try:
+      return self.treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+      _checks.raise_if_step_count(params)
+      raise ValueError(
+          f"params do not have the structure of the scales given to {owner}: {e}"
+      ) from None
+
+
+def _per_leaf(scales: Any, bits: Any) -> _PerLeaf:
+  """Checks ``scales`` and ``bits`` once, where a levels or centres function is built."""
+  scale_leaves, treedef = jax.tree.flatten(scales, is_leaf=lambda x: x is None)
+  if all(s is None for s in scale_leaves):
+    raise ValueError("scales must hold a step size for at least one leaf, got only None.")
+  if isinstance(bits, int) or np.issubdtype(type(bits), np.integer):
+    bit_leaves = [None if s is None else _checks.check_bits("bits", bits)
+                  for s in scale_leaves]
+  else:
+    try:
+      bit_leaves = treedef.flatten_up_to(bits)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "bits must be an int in [1, 8] or a pytree with the structure of scales;"
+          f" got a mismatching pytree: {e}") from None
+    bit_leaves = [None if s is None else _checks.check_bits("bits", b)
+                  for s, b in zip(scale_leaves, bit_leaves)]
+  paths = [p for p, _ in _tree.leaves_with_paths(scales, lambda x: x is None)]
+  for path, s in zip(paths, scale_leaves):
+    if s is not None:
+      _check_scale(f"scales[{path!r}]", s)
+  return _PerLeaf(treedef, scale_leaves, bit_leaves)
 
 
 def levels_fn_from_scales(scales: Any, bits: Any) -> Callable[[Any], Any]:
@@ -245,37 +339,56 @@ def levels_fn_from_scales(scales: Any, bits: Any) -> Callable[[Any], Any]:
     >>> levels_fn(params)["w"].dtype
     dtype('int8')
   """
-  scale_leaves, treedef = jax.tree.flatten(scales, is_leaf=lambda x: x is None)
-  if all(s is None for s in scale_leaves):
-    raise ValueError("scales must hold a step size for at least one leaf, got only None.")
-  if isinstance(bits, int) or np.issubdtype(type(bits), np.integer):
-    bit_leaves = [None if s is None else _checks.check_bits("bits", bits)
-                  for s in scale_leaves]
-  else:
-    try:
-      bit_leaves = treedef.flatten_up_to(bits)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          "bits must be an int in [1, 8] or a pytree with the structure of scales;"
-          f" got a mismatching pytree: {e}") from None
-    bit_leaves = [None if s is None else _checks.check_bits("bits", b)
-                  for s, b in zip(scale_leaves, bit_leaves)]
-  paths = [p for p, _ in _tree.leaves_with_paths(scales, lambda x: x is None)]
-  for path, s in zip(paths, scale_leaves):
-    if s is not None:
-      _check_scale(f"scales[{path!r}]", s)
+  per_leaf = _per_leaf(scales, bits)
 
   def levels_fn(params: Any) -> Any:
-    try:
-      param_leaves = treedef.flatten_up_to(params)
-    except (ValueError, TypeError) as e:
-      _checks.raise_if_step_count(params)
-      raise ValueError(
-          f"params do not have the structure of the scales given to"
-          f" levels_fn_from_scales: {e}") from None
-    return treedef.unflatten([
+    param_leaves = per_leaf.flatten(params, "levels_fn_from_scales")
+    return per_leaf.treedef.unflatten([
         None if s is None or _tree.is_none_or_masked(p) else
         weight_levels(_tree.unbox(p), s, b)
-        for p, s, b in zip(param_leaves, scale_leaves, bit_leaves)])
+        for p, s, b in zip(param_leaves, per_leaf.scales, per_leaf.bits)])
 
   return levels_fn
+
+
+def centers_fn_from_scales(scales: Any, bits: Any) -> Callable[..., Any]:
+  """Builds the ``centers_fn`` of the oscillation remedies from step sizes.
+
+  The companion of :func:`levels_fn_from_scales` (same arguments), for
+  :func:`talr_optax.dampen_oscillations` and
+  :func:`talr_optax.freeze_oscillations`.
+
+  Args:
+    scales: as in :func:`levels_fn_from_scales`.
+    bits: as in :func:`levels_fn_from_scales`.
+
+  Returns:
+    ``centers_fn(params, levels=None)``: a pytree like ``scales`` with, for
+    every quantized leaf, the latent value of each weight's current level
+    (:func:`weight_centers`: a weight beyond the outer levels is its own
+    centre), or with ``levels`` given (a pytree like ``levels_fn``'s), the
+    latent values of those levels (:func:`level_values`); ``None`` elsewhere.
+    Results have the dtype of the params.
+
+  Example:
+    >>> centers_fn = centers_fn_from_scales({"w": 1.0, "b": None}, bits=2)
+    >>> centers_fn({"w": jnp.array([0.3, -0.1]), "b": jnp.zeros(2)})["w"]
+    Array([0.5, 0. ], dtype=float32)
+  """
+  per_leaf = _per_leaf(scales, bits)
+
+  def centers_fn(params: Any, levels: Any = None) -> Any:
+    param_leaves = per_leaf.flatten(params, "centers_fn_from_scales")
+    level_leaves = (per_leaf.flatten(levels, "centers_fn_from_scales (levels)")
+                    if levels is not None else [None] * len(param_leaves))
+    out = []
+    for p, level, s, b in zip(param_leaves, level_leaves, per_leaf.scales, per_leaf.bits):
+      if s is None or _tree.is_none_or_masked(p):
+        out.append(None)
+      elif levels is None:
+        out.append(weight_centers(_tree.unbox(p), s, b))
+      else:
+        out.append(level_values(level, s, b, jnp.result_type(_tree.unbox(p))))
+    return per_leaf.treedef.unflatten(out)
+
+  return centers_fn

@@ -112,6 +112,25 @@ def test_optimizer_step_and_scaling_run(tmp_path):
   assert {r["variant"] for r in res} == {"sgd", "sgdt", "sgdt_sampled", "adam", "adamt"}
 
 
+def test_remedies_step_runs_and_state_bytes(tmp_path):
+  import remedies_step  # pylint: disable=import-outside-toplevel
+  rows = remedies_step.main(["--sizes", "0.1M", "--repeats", "2", "--warmup", "0",
+                             "--out", str(tmp_path / "remedies_step.json")])
+  by_v = {r["variant"]: r for r in rows}
+  assert set(by_v) == set(remedies_step.VARIANTS)
+  n = by_v["adamw"]["n_weights"]
+  # AdamW: two float32 moments and a count. Dampening: one more int32 count.
+  # Freezing: 11 bytes per quantized weight plus a count and one frozen
+  # fraction per tensor (ten tensors). TALR: the int8 level and its rates.
+  adamw = 8 + 4 / n
+  assert by_v["adamw"]["state_bytes_per_weight"] == pytest.approx(adamw)
+  assert by_v["adamw_dampen"]["state_bytes_per_weight"] == pytest.approx(adamw + 4 / n)
+  freeze = 11 + (4 + 10 * 4) / n
+  assert by_v["adamw_freeze"]["state_bytes_per_weight"] == pytest.approx(adamw + freeze)
+  assert by_v["adamwt_freeze"]["state_bytes_per_weight"] == pytest.approx(
+      by_v["adamwt"]["state_bytes_per_weight"] + freeze)
+
+
 def test_train_step_runs(tmp_path):
   pytest.importorskip("flax")
   import train_step  # pylint: disable=import-outside-toplevel

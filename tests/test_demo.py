@@ -322,6 +322,11 @@ def _assert_results(out: Path, results: dict, epochs: int) -> None:
                                rtol=1e-5, atol=1e-9)
   talr_run = next(r for r in results["runs"] if r["method"] == "talr")
   assert talr_run["trace"]["U"] != talr_run["trace"]["lr"]
+  # The final TALR model is exported; its integer forward scores what QAT scored.
+  export = talr_run["export"]
+  assert export["integer_score"] == export["qat_score"] == talr_run["final_test_accuracy"]
+  assert export["export_packed_bytes"] < export["export_bytes"] < export["float_state_bytes"]
+  assert "export" not in next(r for r in results["runs"] if r["method"] == "sgd")
   assert {row["method"] for row in results["summary"]} == {"sgd", "talr"}
   for name in ("rate_tracking", "learning_rates", "accuracy", "weight_changes", "oscillations"):
     png = out / f"{name}.png"

@@ -197,6 +197,14 @@ def test_tiny_lm_run_writes_results_and_figures(tmp_path, capsys):
     assert len(run["groups"]) == 12 and "blocks/mlp/up/kernel[1]" in run["groups"]
   talr_run = next(r for r in results["runs"] if r["method"] == "talr")
   assert talr_run["trace"]["U"] != talr_run["trace"]["lr"]
+  # Every TALR run is exported; its integer forward has the QAT model's bits per byte.
+  for run in results["runs"]:
+    if run["method"] == "talr":
+      export = run["export"]
+      assert export["qat_score"] == run["final_bits_per_byte"]
+      assert export["integer_score"] == pytest.approx(export["qat_score"], rel=1e-5)
+      assert export["export_packed_bytes"] < export["export_bytes"] < export["float_state_bytes"]
+  assert printed.count("export W2 seed") == 2
   assert all("U" in g for g in talr_run["groups"].values())
   scale = baselines[0]["lr_scale"]
   np.testing.assert_allclose(baselines[0]["trace"]["lr"],

@@ -24,7 +24,7 @@ from flax import nnx
 
 import talr_optax as talr
 from talr_optax import nnx as tnnx
-from talr_optax.demo import lm_data
+from talr_optax.demo import export, lm_data
 from talr_optax.demo.config import WEIGHT_DECAY
 from talr_optax.demo.lm_config import EVAL_BATCH, VAL_EVERY, LMConfig
 from talr_optax.demo.runner import (TRACE_KEYS, Progress, append_traces, md2tp,
@@ -345,7 +345,7 @@ def run_qat(cfg: LMConfig, data: LMData, fp_model: nnx.Module, bits: int, seed: 
   label = f"seed {seed} W{bits} {cfg.labels[method]}" + (
       f" x{lr_scale:g}" if method == "sgd" else "")
   log = _train(cfg, run, data, progress, label)
-  return {
+  record = {
       "bits": bits,
       "seed": seed,
       "method": method,
@@ -358,3 +358,7 @@ def run_qat(cfg: LMConfig, data: LMData, fp_model: nnx.Module, bits: int, seed: 
       "groups": _final_groups(run.opt_state),
       "trace": log["trace"],
   }
+  if method == "talr":
+    record["export"] = export.export_report(model, make_model(cfg, bits, seed),
+                                            lambda m: bits_per_byte(m, data.val))
+  return record

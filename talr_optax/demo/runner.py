@@ -44,7 +44,7 @@ import optax
 
 import talr_optax as talr
 from talr_optax import nnx as tnnx
-from talr_optax.demo import plots, store
+from talr_optax.demo import export, plots, store
 from talr_optax.demo.config import METHODS
 
 TRACE_KEYS = ("k", "K", "R", "U", "lr", "loss", "osc")
@@ -469,6 +469,7 @@ def run(cfg: Any, **procedure_kwargs: Any) -> dict[str, Any]:
   store.write_json_atomic(out / "results.json", results)
   figures = plots.plot_all(results, out)
   task.print_tables(cfg, results)
+  export.print_reports(records, task.score.name.replace("_", " "))
   print_terms()
   print(f"wrote {out / 'results.json'} and {len(figures)} figures to {out}/ "
         f"in {results['seconds']:.0f} s")

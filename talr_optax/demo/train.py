@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from talr_optax import nnx as tnnx
-from talr_optax.demo import data, optim
+from talr_optax.demo import data, export, optim
 from talr_optax.demo.config import DemoConfig
 from talr_optax.demo.runner import (TRACE_KEYS, Progress, append_traces, md2tp,
                                     quantized_record, step_metrics)
@@ -203,4 +203,9 @@ def run_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mo
     if progress is not None:
       last = log.traces["loss"][-steps_per_epoch(cfg, dataset):]
       progress.advance(1, _status(cfg, log, float(np.mean(last))))
-  return _record(run, log, bits, seed, method)
+  record = _record(run, log, bits, seed, method)
+  if method == "talr":
+    record["export"] = export.export_report(
+        run.model, make_model(cfg, bits, seed, dataset.num_classes),
+        lambda model: evaluate(task, model, dataset.test))
+  return record

@@ -1,10 +1,20 @@
 """Flax NNX front end of ``talr_optax``: quantized layers, models, optimizer glue.
 
-The only part of ``talr_optax`` that imports Flax.
+The only part of ``talr_optax`` that imports Flax (the ``nnx`` extra:
+``pip install -e ".[nnx]"``).
 """
 
+from talr_optax import _extras
+
+# Before the first Flax import: a core-only install gets the pip command.
+_extras.require("talr_optax.nnx", ("flax",), extra="nnx")
+
+# pylint: disable=wrong-import-position
+from talr_optax.nnx.batch_norm import reestimate_batch_norm
+from talr_optax.nnx.export import export_integer_model
 from talr_optax.nnx.labels import ACTIVATION_SCALE
 from talr_optax.nnx.labels import BATCH_NORM
+from talr_optax.nnx.labels import centers_fn_for
 from talr_optax.nnx.labels import FULL_PRECISION
 from talr_optax.nnx.labels import LABELS
 from talr_optax.nnx.labels import layer_axes_for
@@ -28,8 +38,11 @@ from talr_optax.nnx.models import MobileNetV2Tiny
 from talr_optax.nnx.models import reset_calibration
 from talr_optax.nnx.models import ResNet20
 from talr_optax.nnx.models import SmallCNN
+from talr_optax.nnx.serving import IntegerLayer
+from talr_optax.nnx.serving import integer_model
 from talr_optax.nnx.transformer import TransformerBlock
 from talr_optax.nnx.transformer import TransformerLM
+# pylint: enable=wrong-import-position
 
 __all__ = [
     "ACCEPTED_BITS",
@@ -41,6 +54,7 @@ __all__ = [
     "ActivationScale",
     "BasicBlock",
     "Calibrated",
+    "IntegerLayer",
     "InvertedResidual",
     "MobileNetV2Tiny",
     "QuantConv",
@@ -52,11 +66,15 @@ __all__ = [
     "TransformerLM",
     "WeightScale",
     "calibrate",
+    "centers_fn_for",
+    "export_integer_model",
+    "integer_model",
     "layer_axes_for",
     "levels_fn_for",
     "load_full_precision",
     "param_labels",
     "quantized_layers",
+    "reestimate_batch_norm",
     "reset_calibration",
     "validate_layer_bits",
 ]

@@ -1,4 +1,5 @@
-"""Bridges from an NNX model to Optax: ``levels_fn_for``, ``param_labels``, ``layer_axes_for``.
+"""Bridges from an NNX model to Optax: ``levels_fn_for``, ``centers_fn_for``,
+``param_labels``, ``layer_axes_for``.
 
 What ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` (Flax 0.12) hands ``tx``:
 
@@ -24,6 +25,7 @@ optimizer to schedule each layer slice on its own.
 
 from __future__ import annotations
 
+import sys
 import typing as tp
 
 import jax
@@ -42,6 +44,7 @@ __all__ = [
     "BATCH_NORM",
     "LABELS",
     "levels_fn_for",
+    "centers_fn_for",
     "param_labels",
     "layer_axes_for",
 ]
@@ -59,11 +62,43 @@ def _map_with_path(fn: tp.Callable[[str, tp.Any], tp.Any], tree: tp.Any) -> tp.A
       lambda path, x: fn(_tree.path_str(path), x), tree, is_leaf=_tree.is_leaf)
 
 
+# What to call instead when a model was quantized by Qwix, not by our layers.
+_QWIX_INSTEAD = {
+    "levels_fn_for": (
+        "use levels_fn = talr_optax.qwix.levels_fn_from_qwix(qt_model, x) "
+        "(x: example inputs)"),
+    "layer_axes_for": (
+        "use the layer_axes method of the Qwix levels function: levels_fn = "
+        "talr_optax.qwix.levels_fn_from_qwix(qt_model, x), then "
+        "sgdt(..., levels_fn, layer_axes=levels_fn.layer_axes)"),
+    "param_labels": (
+        "give sgdt/adamt/adamwt all params with levels_fn = "
+        "talr_optax.qwix.levels_fn_from_qwix(qt_model, x): it returns None for "
+        "the weights Qwix does not quantize, which then follow learning_rate"),
+}
+
+
+def _is_qwix_model(model: tp.Any) -> bool:
+  """Whether ``qwix.quantize_model`` returned ``model``; never imports Qwix itself."""
+  if sys.modules.get("qwix") is None:  # no Qwix model can exist without Qwix
+    return False
+  from talr_optax.qwix import _internals  # pylint: disable=g-import-not-at-top
+  return _internals.is_qwix_model(model)
+
+
 def _check_module(model: tp.Any, owner: str) -> None:
   if not isinstance(model, nnx.Module):
     raise TypeError(
         f"{owner}: model must be an nnx.Module (e.g. a SmallCNN, or any module with "
         f"QuantConv/QuantLinear layers), got model of type {type(model).__name__}."
+    )
+  if _is_qwix_model(model):
+    # Qwix quantizes plain Flax layers; read here, they would all look full
+    # precision and unstacked.
+    raise TypeError(
+        f"{owner}: model was quantized by qwix.quantize_model; {owner} reads "
+        "talr_optax.nnx's QuantConv/QuantLinear layers and does not see which "
+        f"weights Qwix quantizes. For a Qwix model, {_QWIX_INSTEAD[owner]}."
     )
 
 
@@ -142,7 +177,8 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
     kernels, ``None`` for everything else.
 
   Raises:
-    TypeError: if ``model`` is not an ``nnx.Module``.
+    TypeError: if ``model`` is not an ``nnx.Module``, or was quantized by
+      ``qwix.quantize_model`` (use :func:`talr_optax.qwix.levels_fn_from_qwix`).
     ValueError: if ``model`` has no quantized kernel or one stacked over more
       than one axis; from ``levels_fn``, if ``params`` hold none of the
       model's quantized kernels, or one with another shape.
@@ -156,32 +192,90 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
     )
 
   def levels_fn(params: tp.Any) -> tp.Any:
-    seen = []
-
-    def leaf_levels(name: str, leaf: tp.Any) -> jax.Array | None:
-      layer = kernels.get(name)
-      if layer is None:
-        return None
-      seen.append(name)
-      if _tree.is_none_or_masked(leaf):
-        return None
-      kernel = _tree.unbox(leaf)
-      want = tuple(layer.kernel.shape)
-      if tuple(kernel.shape) != want:
-        raise ValueError(
-            f"levels_fn: params at '{name}' have shape {tuple(kernel.shape)}, but that "
-            f"kernel of the model given to levels_fn_for has shape {want}: params must "
-            "be nnx.state(model, nnx.Param) of that model."
-        )
-      scale = _weight_scale(layer, kernel, name)
-      return quantizers.weight_levels(kernel, scale, layer.weight_bits)
-
-    out = _map_with_path(leaf_levels, params)
-    if not seen:
-      _raise_foreign_params(params, kernels)
-    return out
+    return _map_kernels(params, kernels, lambda layer, kernel, scale, name:
+                        quantizers.weight_levels(kernel, scale, layer.weight_bits))
 
   return levels_fn
+
+
+def _map_kernels(params: tp.Any, kernels: dict[str, layers_lib.QuantLayer],
+                 fn: tp.Callable[..., tp.Any]) -> tp.Any:
+  """``fn(layer, kernel, scale, name)`` at every quantized kernel, ``None`` elsewhere."""
+  seen = []
+
+  def leaf(name: str, leaf: tp.Any) -> jax.Array | None:
+    layer = kernels.get(name)
+    if layer is None:
+      return None
+    seen.append(name)
+    if _tree.is_none_or_masked(leaf):
+      return None
+    kernel = _tree.unbox(leaf)
+    want = tuple(layer.kernel.shape)
+    if tuple(kernel.shape) != want:
+      raise ValueError(
+          f"levels_fn: params at '{name}' have shape {tuple(kernel.shape)}, but that "
+          f"kernel of the model given to levels_fn_for has shape {want}: params must "
+          "be nnx.state(model, nnx.Param) of that model."
+      )
+    return fn(layer, kernel, _weight_scale(layer, kernel, name), name)
+
+  out = _map_with_path(leaf, params)
+  if not seen:
+    _raise_foreign_params(params, kernels)
+  return out
+
+
+def centers_fn_for(model: nnx.Module) -> tp.Callable[..., tp.Any]:
+  """Builds the ``centers_fn`` of the oscillation remedies from a model.
+
+  The companion of :func:`levels_fn_for` (same model, same params forms, the
+  scales read the same way), for :func:`talr_optax.dampen_oscillations` and
+  :func:`talr_optax.freeze_oscillations`. A level's centre is its value on
+  the latent weight's axis, ``s * w_d / 2^(b-1)`` (``s * (2 w_d - 1)``
+  binary), whatever the layer's ``multiply_scale``, which only scales the
+  layer's output (see :func:`talr_optax.level_values`).
+
+  Args:
+    model: an NNX module containing quantized layers.
+
+  Returns:
+    ``centers_fn(params, levels=None)``: with the keys of ``params``, for each
+    quantized kernel the latent value of each weight's current level (a
+    weight beyond the outer levels is its own centre, see
+    :func:`talr_optax.weight_centers`), or with ``levels`` (a pytree like
+    ``levels_fn_for(model)(params)``) the latent values of those levels;
+    ``None`` elsewhere. In the dtype of the kernels.
+
+  Raises:
+    TypeError: if ``model`` is not an ``nnx.Module``.
+    ValueError: as :func:`levels_fn_for`.
+  """
+  _check_module(model, "centers_fn_for")
+  kernels = _quantized_kernels(model, "centers_fn_for")
+  if not kernels:
+    raise ValueError(
+        "centers_fn_for: model has no quantized kernel (no QuantConv/QuantLinear "
+        "with weight_bits set); got a model built with weight_bits = None?"
+    )
+
+  def centers_fn(params: tp.Any, levels: tp.Any = None) -> tp.Any:
+    if levels is None:
+      return _map_kernels(params, kernels, lambda layer, kernel, scale, name:
+                          quantizers.weight_centers(kernel, scale, layer.weight_bits))
+    given = dict(_tree.leaves_with_paths(levels))
+
+    def of_levels(layer, kernel, scale, name):
+      level = given.get(name)
+      if level is None or tuple(level.shape) != tuple(kernel.shape):
+        raise ValueError(
+            f"centers_fn: levels at '{name}' are {level!r}, but the kernel there has"
+            f" shape {tuple(kernel.shape)}: pass levels_fn_for(model)(params).")
+      return quantizers.level_values(level, scale, layer.weight_bits, kernel.dtype)
+
+    return _map_kernels(params, kernels, of_levels)
+
+  return centers_fn
 
 
 def _raise_foreign_params(params: tp.Any, kernels: dict[str, tp.Any]) -> tp.NoReturn:
@@ -236,8 +330,8 @@ def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
     leaves; a tree prefix of both the Variable-boxed and the pure state.
 
   Raises:
-    TypeError: if ``model`` is not an ``nnx.Module`` or ``wrt`` is not an
-      nnx filter.
+    TypeError: if ``model`` is not an ``nnx.Module``, was quantized by
+      ``qwix.quantize_model``, or ``wrt`` is not an nnx filter.
     ValueError: a quantized kernel stacked over more than one axis.
   """
   state, kernels = _labelled_state(model, wrt, "param_labels")
@@ -264,6 +358,9 @@ def layer_axes_for(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
   Stacked quantized kernels (``L`` layers created under ``nnx.vmap``, one
   param of shape ``(L, ...)``) get ``0``: the optimizer keeps one transition
   rate and one learning rate per layer slice. Every other param gets ``None``.
+  A model quantized by Qwix is refused: its levels function,
+  :func:`talr_optax.qwix.levels_fn_from_qwix`, has the ``layer_axes`` method
+  that knows which weights Qwix quantizes and which are stacked.
 
   Args:
     model: an NNX module.
@@ -274,8 +371,8 @@ def layer_axes_for(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
     :func:`param_labels`: ``0`` or ``None`` leaves.
 
   Raises:
-    TypeError: if ``model`` is not an ``nnx.Module`` or ``wrt`` is not an
-      nnx filter.
+    TypeError: if ``model`` is not an ``nnx.Module``, was quantized by
+      ``qwix.quantize_model``, or ``wrt`` is not an nnx filter.
     ValueError: a quantized kernel stacked over more than one axis.
   """
   state, kernels = _labelled_state(model, wrt, "layer_axes_for")

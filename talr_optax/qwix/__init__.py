@@ -16,15 +16,22 @@ what it needs from such a model:
 * :func:`quantized_weights` and :func:`frozen_step_size`: what Qwix quantizes
   and with which step size, for checks and diagnostics.
 
-Requires the optional dependency ``qwix`` (installed with the dev extra).
+Requires Flax and Qwix: the ``qwix`` extra, ``pip install -e ".[qwix]"``.
 """
 
+from talr_optax import _extras
+
+# Before the first Flax or Qwix import: a core-only install gets the pip command.
+_extras.require("talr_optax.qwix", ("flax", "qwix"), extra="qwix")
+
+# pylint: disable=wrong-import-position
 from talr_optax.qwix.levels import QwixLevelsFn
 from talr_optax.qwix.levels import QwixWeight
 from talr_optax.qwix.levels import levels_fn_from_qwix
 from talr_optax.qwix.levels import quantized_weights
 from talr_optax.qwix.rules import frozen_scale_rules
 from talr_optax.qwix.rules import frozen_step_size
+# pylint: enable=wrong-import-position
 
 __all__ = [
     "QwixLevelsFn",

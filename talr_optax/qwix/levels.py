@@ -19,6 +19,7 @@ rate with the ``layer_axes`` of :class:`QwixLevelsFn`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
@@ -94,11 +95,45 @@ class QwixWeight(NamedTuple):
     return jax.vmap(levels, in_axes=self.layer_axis, out_axes=self.layer_axis)(w)
 
 
+  def centers(self, w: jax.Array, levels: jax.Array | None = None) -> jax.Array:
+    """Latent values of levels, as Qwix dequantizes them (a layer slice at a time).
+
+    Args:
+      w: the parameter, of shape ``shape``.
+      levels: integer levels shaped like ``w`` (e.g. frozen ones); ``None``:
+        the current levels of ``w``, with a weight more than half a step from
+        its level's value (beyond the outer levels) as its own centre.
+
+    Returns:
+      An array shaped like ``w`` in its dtype.
+    """
+
+    def one(x, level):
+      q = self.quantize(x)
+      if level is not None:
+        return qwix.dequantize(dataclasses.replace(q, qvalue=level.astype(q.qvalue.dtype)))
+      center = qwix.dequantize(q)
+      step = jnp.abs(qwix.dequantize(dataclasses.replace(q, qvalue=jnp.ones_like(q.qvalue)))
+                     - qwix.dequantize(dataclasses.replace(q, qvalue=jnp.zeros_like(q.qvalue))))
+      x = x.astype(center.dtype)
+      return jnp.where(jnp.abs(x - center) > step / 2, x, center)
+
+    dtype = jnp.asarray(w).dtype
+    if self.layer_axis is None:
+      return one(w, levels).astype(dtype)
+    if levels is None:
+      f = jax.vmap(lambda x: one(x, None), in_axes=self.layer_axis, out_axes=self.layer_axis)
+      return f(w).astype(dtype)
+    f = jax.vmap(one, in_axes=self.layer_axis, out_axes=self.layer_axis)
+    return f(w, levels).astype(dtype)
+
+
 class QwixLevelsFn:
   """The ``levels_fn`` of a Qwix QAT model (see :func:`levels_fn_from_qwix`).
 
   Call it on params to get the levels; pass :meth:`layer_axes` as the core's
-  ``layer_axes`` to give each layer of a stacked weight its own rate.
+  ``layer_axes`` to give each layer of a stacked weight its own rate, and
+  :meth:`centers` as the ``centers_fn`` of the oscillation remedies.
 
   Attributes:
     weights: the quantized parameters, ``{path: QwixWeight}``.
@@ -131,6 +166,43 @@ class QwixLevelsFn:
         another shape (they do not belong to the model).
     """
     return self._map(params, lambda weight, w: self._levels[weight.path](w))
+
+  def centers(self, params: Any, levels: Any = None) -> Any:
+    """The ``centers_fn`` of the oscillation remedies for this model.
+
+    ``levels_fn.centers`` is what :func:`talr_optax.dampen_oscillations` and
+    :func:`talr_optax.freeze_oscillations` take: the latent value of each
+    quantized weight's level as Qwix dequantizes it, from the same recording
+    as the levels.
+
+    Args:
+      params: as for ``__call__``.
+      levels: ``None`` for the current levels of ``params`` (a weight more
+        than half a step from its level's value, beyond the outer levels, is
+        its own centre), or a pytree like ``self(params)`` of levels to take
+        the values of.
+
+    Returns:
+      A pytree with the containers of ``params``: centres at quantized
+      weights, in the params' dtype; ``None`` elsewhere.
+
+    Raises:
+      ValueError: as for ``__call__``; ``levels`` without a level array for a
+        quantized weight.
+    """
+    if levels is None:
+      return self._map(params, lambda weight, w: weight.centers(w))
+    given = dict(_tree.leaves_with_paths(levels))
+
+    def of_levels(weight: QwixWeight, w: jax.Array) -> jax.Array:
+      level = given.get(weight.path)
+      if getattr(level, "shape", None) != tuple(w.shape):
+        raise ValueError(
+            f"centers: levels at '{weight.path}' are {level!r}, but the weight there"
+            f" has shape {tuple(w.shape)}: pass levels_fn(params).")
+      return weight.centers(w, level)
+
+    return self._map(params, of_levels)
 
   def layer_axes(self, params: Any) -> Any:
     """The core's ``layer_axes`` for ``params``: the layer axis of each stacked weight.
