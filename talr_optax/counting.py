@@ -3,9 +3,12 @@
 Everything the transformations count goes through this module, once per
 update, on the static :class:`~talr_optax._layout.Layout` of the rate groups:
 
+* :func:`init_levels`: every ``init``'s entry: the levels of the params
+  (refused if they do not fit int8) and the :class:`~talr_optax._layout.Layout`;
 * :func:`levels_of` / :func:`levels_after`: the int8 levels of the params
-  (before or after the update, rounded as they will be stored), taken on the
-  sampling grid: the counted levels, computed once;
+  before or after the update (rounded as the params will be stored);
+* :func:`counted`: the levels on the sampling grid, computed once per update;
+  :func:`stored` reads a state's per-weight arrays in the same order;
 * :func:`transition_rates`: ``k`` per rate group (each group's count over the
   weights counted in it), or pooled over all groups weighted by their true
   sizes;
