@@ -201,7 +201,7 @@ def demo_trajectory(task_name: str, model_name: str, bits: int, seed: int,
   # The monitor is the last stage: it counts, on every weight, the
   # transitions of exactly the updates TALR's sampled count saw.
   tx = optax.chain(optim.qat(cfg, model, "talr", bits, total),
-                   talr.track_transitions(levels_fn, r0, momentum=EMA_MOMENTUM))
+                   talr.track_transitions(levels_fn, r0, ema_momentum=EMA_MOMENTUM))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   names = sorted(k.split("/", 1)[1] for k in talr.metrics(optimizer.opt_state)
                  if k.startswith("transition_rate/") and "#" not in k)
@@ -300,11 +300,11 @@ def _exact_monitor(arm: Any, model: Any) -> optax.GradientTransformation:
 
   ``lm_train.optimizer(arm, model, then=(this,))`` is the demo's optimizer
   (AdamWT, then its oscillation monitor) followed by ``track_transitions(
-  levels_fn, R_0, momentum=m, layer_axes=...)`` on the same updates.
+  levels_fn, R_0, ema_momentum=m, layer_axes=...)`` on the same updates.
   """
   from talr_optax import nnx as tnnx  # pylint: disable=import-outside-toplevel
   levels_fn, axes = tnnx.levels_fn_for(model), tnnx.layer_axes_for(model)
-  return talr.track_transitions(levels_fn, arm.r0, momentum=arm.ema_momentum, layer_axes=axes)
+  return talr.track_transitions(levels_fn, arm.r0, ema_momentum=arm.ema_momentum, layer_axes=axes)
 
 
 def _rate_names(m: dict[str, jax.Array]) -> list[str]:

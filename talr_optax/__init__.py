@@ -8,6 +8,7 @@ optimizers (SGDT, AdamT, AdamWT), and the oscillation remedies of Nagel et al.
 """
 
 from talr_optax.annealing import delayed_cosine_schedule
+from talr_optax.checkpoints import check_restorable
 from talr_optax.counting import count_transitions
 from talr_optax.dampening import DampenOscillationsState, dampen_oscillations
 from talr_optax.freezing import FreezeOscillationsState, freeze_oscillations
@@ -49,6 +50,7 @@ __all__ = [
     "activation_levels",
     "adamt",
     "adamwt",
+    "check_restorable",
     "centers_fn_from_scales",
     "cosine_target",
     "count_transitions",

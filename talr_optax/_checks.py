@@ -68,6 +68,12 @@ def check_number(name: str, value: Any, low: float = -math.inf, high: float = ma
         f" got {name} = {x!r}.")
 
 
+def is_integer_array(x: Any) -> bool:
+  """``x`` has an integer dtype (quantization levels, not weights)."""
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+
+
 def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None,
               *, owner: Optional[str] = None) -> int:
   """``value`` as an ``int`` if it is an integer (not a bool) in ``[low, high]``."""
@@ -115,13 +121,23 @@ def check_scalar_or_schedule(name: str, value: Any, *, low_open: bool = True,
     check_number(name, value, 0.0, math.inf, low_open=low_open, high_open=True, owner=owner)
 
 
+def check_sample_size(sample_size: Any) -> Optional[int]:
+  """``None`` or an int >= 1; an array gets the ``optax.inject_hyperparams`` hint."""
+  if isinstance(sample_size, jax.Array):
+    raise ValueError(
+        f"sample_size must be an integer >= 1, got an array ({sample_size!r}): under"
+        " optax.inject_hyperparams pass static_args=('sample_size',), since it turns"
+        " numbers into traced arrays.")
+  return None if sample_size is None else check_int("sample_size", sample_size, 1)
+
+
 def check_bits(name: str, value: Any, *, owner: Optional[str] = None) -> int:
   """A bit width of the paper's quantizers: an integer in ``[1, 8]``."""
   return check_int(name, value, 1, 8, owner=owner)
 
 
-def raise_if_step_count(params: Any) -> None:
-  """Raises a hint when a ``levels_fn`` receives a step count instead of params.
+def raise_if_step_count(params: Any, name: str = "levels_fn") -> None:
+  """Raises a hint when ``name`` (a callable of params) receives a step count instead.
 
   ``optax.inject_hyperparams`` treats every callable argument as a schedule
   and calls it with the step count unless it is named in ``static_args``.
@@ -129,6 +145,6 @@ def raise_if_step_count(params: Any) -> None:
   if getattr(params, "shape", None) == () and jnp.issubdtype(
       getattr(params, "dtype", np.float32), jnp.integer):
     raise ValueError(
-        "levels_fn was called with a step count instead of params: under"
-        " optax.inject_hyperparams pass static_args=('levels_fn',), since it"
+        f"{name} was called with a step count instead of params: under"
+        f" optax.inject_hyperparams pass static_args=({name!r},), since it"
         " treats every callable argument as a schedule.")

@@ -1,30 +1,37 @@
-"""Where each transition rate lives: the static layout shared by the transformations.
+"""Where each transition rate lives: the static description of the rate groups.
 
 A *rate group* is the set of weights one transition rate is measured on: a
 quantized tensor, one slice of a stacked tensor along its layer axis, or all
-quantized weights pooled (``granularity="global"``). The layout is derived
-from shapes only (at trace time), so the optimizer state holds nothing but
-arrays: one int8 previous level per counted weight, and one float32 entry per
-rate group in each rate vector.
+quantized weights pooled (``granularity="global"``). A :class:`Layout` says,
+for every leaf of the levels pytree, whether it is quantized, its layer axis,
+its entries in the rate vectors and the grid its levels are counted on. It is
+derived from shapes only, at trace time, by :func:`build` (the one way to make
+one), so the optimizer state holds nothing but arrays.
+
+Nothing here touches an array's values: the counting itself, on the layout,
+is :mod:`talr_optax.counting`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional
+import numbers
+import re
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from talr_optax import _checks
 from talr_optax import _tree
-from talr_optax.counting import count_transitions, sample_strides, take_sample
-from talr_optax.quantizers import LEVEL_DTYPE
 
 LevelsFn = Callable[[Any], Any]
 # Rates are float32 whatever the params' dtype: a rate of 1e-4 per step is
 # below the resolution of bfloat16 around 1.
 RATE_DTYPE = jnp.float32
+_STATIC_ARGS_HINT = ("under optax.inject_hyperparams pass static_args=({!r},): it turns"
+                     " numbers into traced arrays and calls callables with the step count")
 
 
 @jax.tree_util.register_static
@@ -45,7 +52,7 @@ class QuantizedLeaf(NamedTuple):
   position: int  # index among the leaves of the levels pytree
   offset: int  # first entry in the rate vectors
   num_rates: int  # 1, or the number of layers along `layer_axis`
-  layer_axis: Optional[int]
+  layer_axis: Optional[int]  # in [0, ndim), or None
   weights_per_rate: int  # true size of one rate group
   strides: Optional[tuple[int, ...]]  # sampling grid, None when exact
   shape: tuple[int, ...]  # of the levels (and the param)
@@ -60,13 +67,12 @@ class QuantizedLeaf(NamedTuple):
   @property
   def counted_per_rate(self) -> int:
     """Entries counted per rate group (fewer than ``weights_per_rate`` when sampled)."""
-    if self.strides is None:
-      return self.weights_per_rate
-    axis = None if self.layer_axis is None else self.layer_axis % len(self.shape)
-    return math.prod(n for i, n in enumerate(self.counted_shape) if i != axis)
+    return math.prod(n for i, n in enumerate(self.counted_shape) if i != self.layer_axis)
 
 
 class Layout(NamedTuple):
+  """The rate groups of a levels pytree (static: built at trace time)."""
+
   treedef: Any  # of the levels pytree, None and MaskedNode as leaves
   leaves: tuple[Optional[QuantizedLeaf], ...]  # per levels leaf
   names: tuple[str, ...]  # per rate group (before pooling)
@@ -74,55 +80,116 @@ class Layout(NamedTuple):
 
   @property
   def num_rates(self) -> int:
+    """Length of the state's rate vectors (1 when pooled)."""
     return 1 if self.global_rate else len(self.names)
 
+  @property
+  def rate_names(self) -> RateNames:
+    """The names of the entries of the state's rate vectors."""
+    return RateNames(("",) if self.global_rate else self.names)
 
-def has_no_weights(x: Any) -> bool:
-  """A subtree whose arrays are all empty (a zero-size quantized leaf has no rate)."""
-  leaves = jax.tree.leaves(x)
-  return bool(leaves) and all(getattr(leaf, "size", 1) == 0 for leaf in leaves)
+  @property
+  def quantized(self) -> tuple[QuantizedLeaf, ...]:
+    """The quantized leaves, in order (those with a rate)."""
+    return tuple(q for q in self.leaves if q is not None)
+
+  def match(self, tree: Any, what: str) -> list[Any]:
+    """Subtrees of ``tree`` at the leaves of the levels' structure."""
+    return _match(self.treedef, tree, what)
+
+  def per_leaf(self, values: Sequence[Any]) -> Any:
+    """A pytree shaped like the levels from one value per quantized leaf (None elsewhere)."""
+    it = iter(values)
+    return self.treedef.unflatten([None if q is None else next(it) for q in self.leaves])
+
+  def rate_of(self, vector: jax.Array, q: QuantizedLeaf, ndim: int) -> jax.Array:
+    """The entries of a rate vector for one quantized leaf, shaped to broadcast.
+
+    A tensor's entry is a scalar; a stacked tensor's entries lie along its
+    layer axis, with size 1 on the other axes.
+    """
+    if self.global_rate:
+      return vector[0]
+    if q.layer_axis is None:
+      return vector[q.offset]
+    shape = [1] * ndim
+    shape[q.layer_axis] = q.num_rates
+    return vector[q.offset:q.offset + q.num_rates].reshape(shape)
 
 
-def check_shapes(layout: "Layout", params: Any) -> None:
-  """Every quantized leaf's levels have the shape of its param (one level per weight)."""
-  for q, p in zip(layout.leaves, match(layout.treedef, params, "params")):
-    if q is None:
-      continue
-    param = _tree.unbox(p)
-    shape = getattr(param, "shape", None)
-    name = layout.names[q.offset]
-    if shape is None:
-      raise ValueError(
-          f"levels_fn returned one level array at '{name}' where params hold a"
-          f" subtree with {len(jax.tree.leaves(p))} leaves: it must return a pytree"
-          " with the structure of params.")
-    if tuple(shape) != q.shape:
-      raise ValueError(
-          f"levels at '{name}' have shape {q.shape}, but the param has shape"
-          f" {tuple(shape)}: levels_fn must return one level per weight.")
+def build(levels: Any, params: Any, *, layer_axes: Any, sample_size: Optional[int],
+          global_rate: bool) -> Layout:
+  """The layout of the rate groups of ``levels``, checked against ``params``.
 
+  Args:
+    levels: what ``levels_fn(params)`` returns, or its ``jax.eval_shape``:
+      integer arrays (or shapes) for quantized leaves, ``None`` or
+      ``optax.MaskedNode`` elsewhere.
+    params: the params the levels are of (their structure and shapes).
+    layer_axes: as in :func:`talr_optax.scale_by_talr`.
+    sample_size: as in :func:`talr_optax.scale_by_talr`.
+    global_rate: pool all rate groups into one rate.
 
-def call_levels_fn(levels_fn: LevelsFn, params: Any) -> tuple[list[Any], Any]:
-  """Levels leaves (int8 arrays, or None) and the treedef of ``levels_fn(params)``."""
-  levels = levels_fn(params)
+  Returns:
+    The :class:`Layout`. Raises a ``ValueError`` naming the cause when the
+    levels are not integers, or do not match the params or ``layer_axes``.
+  """
   leaves, treedef = jax.tree.flatten(levels, is_leaf=_tree.is_none_or_masked)
-  out = []
-  for i, level in enumerate(leaves):
-    if level is None or _tree.is_masked(level):
-      out.append(None)
+  paths = [p for p, _ in _tree.leaves_with_paths(
+      treedef.unflatten([0] * treedef.num_leaves), is_leaf_fn=None)]
+  for level, path in zip(leaves, paths):
+    _check_integer(level, path)
+  param_leaves = _match(treedef, params, "params")
+  axes = _layer_axes(layer_axes, params, treedef)
+  out: list[Optional[QuantizedLeaf]] = []
+  names: list[str] = []
+  for position, (level, param, axis, path) in enumerate(zip(leaves, param_leaves, axes, paths)):
+    if _tree.is_none_or_masked(level) or level.size == 0:
+      out.append(None)  # no weights to count: no rate, update passed through
       continue
-    dtype = getattr(level, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-      raise ValueError(
-          f"levels_fn must return integer levels (or None) for every leaf, got"
-          f" {type(level).__name__} of dtype {dtype} at leaf {i}: round and cast"
-          " the quantizer output, e.g. with talr_optax.weight_levels.")
-    out.append(level.astype(LEVEL_DTYPE))
-  return out, treedef
+    shape = _check_level(level, param, path)
+    if axis is not None:
+      if not -len(shape) <= axis < len(shape):
+        raise ValueError(
+            f"layer_axes gives axis {axis} for '{path}', whose levels have shape {shape}.")
+      axis %= len(shape)
+    num = 1 if axis is None else shape[axis]
+    per_rate = math.prod(shape) // num
+    strides = None if sample_size is None else sample_strides(shape, sample_size, axis)
+    out.append(QuantizedLeaf(position, len(names), num, axis, per_rate, strides, shape))
+    names.extend([path] if axis is None else [f"{path}[{i}]" for i in range(num)])
+  return Layout(treedef, tuple(out), tuple(names), global_rate)
 
 
-def match(treedef: Any, tree: Any, what: str) -> list[Any]:
-  """Subtrees of ``tree`` at the leaves of the levels' structure."""
+def _check_integer(level: Any, path: str) -> None:
+  """A levels leaf is ``None``, a ``MaskedNode`` or integer levels."""
+  if _tree.is_none_or_masked(level):
+    return
+  if not _checks.is_integer_array(level):
+    raise ValueError(
+        f"levels_fn must return integer levels (or None) for every leaf, got"
+        f" {type(level).__name__} of dtype {getattr(level, 'dtype', None)} at '{path}':"
+        " round and cast"
+        " the quantizer output, e.g. with talr_optax.weight_levels.")
+
+
+def _check_level(level: Any, param: Any, path: str) -> tuple[int, ...]:
+  """The shape of one leaf's levels: one level per weight of its param."""
+  param_shape = getattr(_tree.unbox(param), "shape", None)
+  if param_shape is None:
+    raise ValueError(
+        f"levels_fn returned one level array at '{path}' where params hold a"
+        f" subtree with {len(jax.tree.leaves(param))} leaves: it must return a pytree"
+        " with the structure of params.")
+  shape = tuple(int(d) for d in level.shape)
+  if shape != tuple(param_shape):
+    raise ValueError(
+        f"levels at '{path}' have shape {shape}, but the param has shape"
+        f" {tuple(param_shape)}: levels_fn must return one level per weight.")
+  return shape
+
+
+def _match(treedef: Any, tree: Any, what: str) -> list[Any]:
   try:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
@@ -142,16 +209,22 @@ def _layer_axes(layer_axes: Any, params: Any, treedef: Any) -> list[Optional[int
 
   def assign(axis: Any, subtree: Any) -> None:
     axis = _tree.unbox(axis)
-    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+    if isinstance(axis, jax.Array):
+      raise ValueError(
+          f"layer_axes holds an array ({axis!r}), not an int axis: "
+          + _STATIC_ARGS_HINT.format("layer_axes") + ".")
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
       raise ValueError(
           f"layer_axes must hold an int axis or None per leaf, got {axis!r}.")
     for position in jax.tree.leaves(subtree):
-      out[position] = axis
+      out[position] = None if axis is None else int(axis)
 
   try:
     jax.tree.map(assign, spec, marker,
                  is_leaf=lambda x: x is None or _tree.is_boxed(x) or _tree.is_masked(x))
   except (ValueError, TypeError) as e:
+    if "static_args" in str(e) or "int axis or None per leaf" in str(e):
+      raise
     raise ValueError(
         "layer_axes must be a pytree with the structure of params (or a prefix of"
         f" it) holding an int axis or None, or a callable params -> such a pytree. ({e})"
@@ -159,136 +232,165 @@ def _layer_axes(layer_axes: Any, params: Any, treedef: Any) -> list[Optional[int
   return out
 
 
-def build(levels: list[Any], treedef: Any, params: Any, *, layer_axes: Any,
-          sample_size: Optional[int], global_rate: bool) -> Layout:
-  """The layout of the rate groups for the levels of ``params``."""
-  axes = _layer_axes(layer_axes, params, treedef)
-  paths = [p for p, _ in _tree.leaves_with_paths(
-      treedef.unflatten([0] * treedef.num_leaves), is_leaf_fn=None)]
-  leaves: list[Optional[QuantizedLeaf]] = []
-  names: list[str] = []
-  for position, (level, axis, path) in enumerate(zip(levels, axes, paths)):
-    if level is None:
-      leaves.append(None)
-      continue
-    if axis is not None and not -level.ndim <= axis < level.ndim:
-      raise ValueError(
-          f"layer_axes gives axis {axis} for '{path}', whose levels have shape"
-          f" {tuple(level.shape)}.")
-    num = 1 if axis is None else level.shape[axis]
-    per_rate = level.size // num if num else 0
-    if per_rate == 0:  # no weights to count: no rate, update passed through
-      leaves.append(None)
-      continue
-    strides = None
-    if sample_size is not None:
-      strides = sample_strides(level.shape, sample_size, axis)
-    leaves.append(QuantizedLeaf(position, len(names), num, axis, per_rate, strides,
-                                tuple(level.shape)))
-    names.extend([path] if axis is None else [f"{path}[{i}]" for i in range(num)])
-  return Layout(treedef, tuple(leaves), tuple(names), global_rate)
+def sample_strides(shape: Sequence[int], sample_size: int,
+                   layer_axis: Optional[int] = None) -> Optional[tuple[int, ...]]:
+  """Strides of the fixed subset counted for a tensor of ``shape``.
 
+  Each slice (the whole tensor, or each slice along ``layer_axis``) with more
+  than ``sample_size`` entries is sampled on a grid: every ``s_i``-th index
+  along each axis ``i``, starting at 0, at most ``sample_size`` points per
+  slice. Rows (all axes but the last) are thinned first, down to about
+  ``sqrt(sample_size) / 4`` of them (at least 16), then the last axis: the
+  grid spans every axis, while the entries of a row stay close in memory, so
+  the sample reads a small share of the tensor's cache lines. Along each axis
+  the axis with most grid points is thinned first.
 
-def of_shapes(levels_fn: LevelsFn, params: Any, *, layer_axes: Any,
-              sample_size: Optional[int], global_rate: bool) -> Layout:
-  """The layout from the shapes of ``levels_fn(params)``, computing no levels."""
-  shapes = jax.eval_shape(levels_fn, params)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_tree.is_none_or_masked)
-  leaves = [None if _tree.is_none_or_masked(x) else x for x in leaves]
-  return build(leaves, treedef, params, layer_axes=layer_axes, sample_size=sample_size,
-               global_rate=global_rate)
+  Args:
+    shape: the tensor's shape.
+    sample_size: the largest number of entries counted per slice (>= 1).
+    layer_axis: an axis that is never thinned (each layer is sampled alike).
 
-
-def at_init(levels_fn: LevelsFn, params: Any, *, name: str, layer_axes: Any,
-            sample_size: Optional[int], global_rate: bool) -> tuple[Layout, list[Any]]:
-  """The layout and the int8 levels of the params, checked, for an ``init``.
-
-  Levels are computed, not only traced: ``talr_optax.nnx.levels_fn_for`` of an
-  uncalibrated model refuses to be traced.
+  Returns:
+    The strides (1 on ``layer_axis``), or ``None`` if a slice has at most
+    ``sample_size`` entries and is counted exactly.
   """
-  if any(type(x).__name__ == "_ParamsPlaceholder"
-         for x in jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))):
-    raise ValueError(
-        f"optax.tree.map_params cannot map a {name} state: its init computes the"
-        " levels of the real params, which a placeholder does not have. To shard the"
-        " state, call tx.init (or jax.jit(tx.init)) on sharded params: levels take the"
-        " sharding of their params, rates are replicated.")
-  levels, treedef = call_levels_fn(levels_fn, params)
-  if all(level is None for level in levels):
-    raise ValueError(
-        f"levels_fn returned no quantized leaf (only None): {name} has nothing to"
-        " measure. Return integer levels for the quantized weights.")
-  layout = build(levels, treedef, params, layer_axes=layer_axes,
-                 sample_size=sample_size, global_rate=global_rate)
-  check_shapes(layout, params)
-  return layout, levels
+  shape = tuple(int(d) for d in shape)
+  if layer_axis is not None:
+    layer_axis %= len(shape)
+  axes = [i for i in range(len(shape)) if i != layer_axis]
+  if math.prod(shape[i] for i in axes) <= sample_size:
+    return None
+  strides = [1] * len(shape)
+  points = {i: shape[i] for i in axes}
+
+  def thin(candidates, budget):
+    while candidates and math.prod(points[a] for a in candidates) > budget:
+      i = max(candidates, key=lambda a: (points[a], a))  # ties: the later axis
+      if points[i] == 1:
+        return
+      strides[i] = _next_stride(shape[i], strides[i])
+      points[i] = -(-shape[i] // strides[i])
+
+  rows, last = axes[:-1], axes[-1]
+  root = math.isqrt(sample_size)
+  thin(rows, max(root // 4, min(16, root), -(-sample_size // shape[last])))
+  thin(axes, sample_size)
+  return tuple(strides)
 
 
-def group_means(layout: Layout, values: list[Any]) -> jax.Array:
-  """Mean of per-weight ``values`` (counted shape, one per quantized leaf) per rate group."""
-  out = []
-  for q, x in zip([q for q in layout.leaves if q is not None], values):
-    x = x.astype(RATE_DTYPE)
-    if q.layer_axis is None:
-      out.append(jnp.mean(x).reshape(1))
+def _next_stride(size: int, stride: int) -> int:
+  """The next stride that thins an axis of ``size``, a divisor of it if possible.
+
+  A divisor lets :func:`talr_optax.counting.take_sample` split the axis into
+  (points, stride) and keep index 0: on a sharded axis each device then
+  samples its own block (when its block is a multiple of the stride), so no
+  level crosses devices. A divisor is taken unless it would thin the axis
+  more than twice as much as the next plain stride.
+  """
+  points = -(-size // stride)
+  plain = stride
+  while -(-size // plain) >= points:
+    plain += 1
+  divisor = next(d for d in range(stride + 1, size + 1) if size % d == 0)
+  if size // divisor * 2 >= -(-size // plain):
+    return divisor
+  return plain
+
+
+def check_state(layout: Layout, stored_names: RateNames, stored: Any, vectors: Sequence[Any],
+                *, name: str, sample_size: Optional[int]) -> None:
+  """The state was made for this layout; else a ``ValueError`` naming the setting.
+
+  Args:
+    layout: this optimizer's layout of the params it updates.
+    stored_names: the state's ``rate_names``.
+    stored: the state's per-weight pytree (levels or directions).
+    vectors: the state's rate vectors (their lengths are checked).
+    name: the transformation, for the message.
+    sample_size: this optimizer's ``sample_size``, for the message.
+  """
+  problem = _names_differ(stored_names.names, layout.rate_names.names)
+  if problem is None:
+    for q, old in zip(layout.leaves, layout.match(stored, "stored per-weight state")):
+      old = _tree.unbox(old)
+      if q is None:
+        continue
+      path = layout.names[q.offset].removesuffix("[0]")
+      shape = tuple(getattr(old, "shape", ()) or ()) if old is not None else None
+      if shape == q.counted_shape:
+        continue
+      if old is None:
+        problem = (f"'{path}' is quantized here but was not when the state was made"
+                   " (levels_fn changed)")
+      elif shape == q.shape:
+        problem = (f"the state counts all {q.shape} levels of '{path}', this optimizer"
+                   f" samples {q.counted_shape} of them: sample_size differs (here"
+                   f" sample_size={sample_size})")
+      elif _is_grid_of(shape, q.shape):
+        problem = (f"the state holds levels of '{path}' {q.shape} sampled on a {shape}"
+                   f" grid, this optimizer counts {q.counted_shape}: sample_size differs"
+                   f" (here sample_size={sample_size})")
+      else:
+        problem = (f"the state holds {shape} levels at '{path}', whose param has shape"
+                   f" {q.shape}: levels_fn changed which leaves are quantized, or their"
+                   " shapes, since init")
+      break
+  if problem is None:
+    lengths = {tuple(getattr(_tree.unbox(v), "shape", ())) for v in vectors}
+    if lengths - {(layout.num_rates,)}:
+      problem = (f"its rate vectors have shape {sorted(lengths)[0]}, this optimizer has"
+                 f" {layout.num_rates} rates: layer_axes, the number of layers or"
+                 " granularity differs (was the state restored into another"
+                 " optimizer's structure?)")
+  if problem is not None:
+    raise ValueError(
+        f"{name} got a state made with another configuration: {problem}. Build the"
+        " optimizer as the state's was, or start from tx.init(params).")
+
+
+def _is_grid_of(counted: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+  """``counted`` is the shape of some strided grid over ``shape``."""
+  return len(counted) == len(shape) and all(
+      any(-(-d // s) == n for s in range(1, d + 1)) for n, d in zip(counted, shape))
+
+
+def _names_differ(old: tuple[str, ...], new: tuple[str, ...]) -> Optional[str]:
+  """What changed between two tuples of rate names, or ``None`` if nothing."""
+  if old == new:
+    return None
+  if ("",) in (old, new):
+    return ("granularity differs: one rate is pooled over all tensors"
+            " (granularity='global') in one of them")
+  was, now = _layers_per_path(old), _layers_per_path(new)
+  for path in list(was) + [p for p in now if p not in was]:
+    a, b = was.get(path, "missing"), now.get(path, "missing")
+    if a == b:
+      continue
+    if "missing" in (a, b):
+      return (f"'{path}' is quantized in {'the state' if b == 'missing' else 'this optimizer'}"
+              " only (levels_fn or the params changed)")
+    if a is None or b is None:
+      return (f"layer_axes differs at '{path}': the state has"
+              f" {'one rate' if a is None else f'{a} per-layer rates'}, this optimizer"
+              f" {'one rate' if b is None else f'{b} per-layer rates'}")
+    return (f"the number of layers of '{path}' differs: {a} in the state, {b} here"
+            " (or its axis in layer_axes)")
+  return f"the rate groups differ: {old} in the state, {new} here"
+
+
+def _layers_per_path(names: tuple[str, ...]) -> dict[str, Optional[int]]:
+  """``{path: number of layers}`` (``None`` for a tensor with one rate)."""
+  out: dict[str, Optional[int]] = {}
+  for name in names:
+    match = re.fullmatch(r"(.*)\[\d+\]", name)
+    if match is None:
+      out[name] = None
     else:
-      x = jnp.moveaxis(x, q.layer_axis, 0)
-      out.append(jnp.mean(x.reshape(x.shape[0], -1), axis=1))
-  return jnp.concatenate(out) if out else jnp.zeros((0,), RATE_DTYPE)
+      out[match.group(1)] = (out.get(match.group(1)) or 0) + 1
+  return out
 
 
-def counted_levels(layout: Layout, levels: list[Any]) -> Any:
-  """The levels pytree as stored: sampled where sampling applies, None elsewhere."""
-  return layout.treedef.unflatten([
-      None if q is None else _sample(levels[q.position], q.strides)
-      for q in layout.leaves])
-
-
-def _sample(levels: jax.Array, strides: Optional[tuple[int, ...]]) -> jax.Array:
-  """The counted levels, computed once.
-
-  XLA:CPU would otherwise fuse the cheap levels computation into both of its
-  consumers (the count and the stored copy) and read the sampled rows twice.
-  """
-  if strides is None:
-    return levels
-  return jax.lax.optimization_barrier(take_sample(levels, strides))
-
-
-def transition_rates(layout: Layout, levels: list[Any], prev_levels: Any) -> jax.Array:
-  """``k``: fraction of counted levels that changed, one entry per rate (float32)."""
-  prev = match(layout.treedef, prev_levels, "stored previous levels")
-  rates, weights = [], []
-  for q in layout.leaves:
-    if q is None:
-      continue
-    new = _sample(levels[q.position], q.strides)
-    old = _tree.unbox(prev[q.position])
-    if old is None or tuple(old.shape) != tuple(new.shape):
-      raise ValueError(
-          "levels_fn changed which leaves are quantized, or their shapes, since"
-          f" init (at '{layout.names[q.offset]}').")
-    counts = count_transitions(new, old, q.layer_axis).reshape(-1)
-    rates.append(counts.astype(RATE_DTYPE) / q.counted_per_rate)
-    weights.append(jnp.full((q.num_rates,), q.weights_per_rate, RATE_DTYPE))
-  k = jnp.concatenate(rates) if rates else jnp.zeros((0,), RATE_DTYPE)
-  if layout.global_rate:
-    # Each group weighted by its true size (a sampled group counts fewer).
-    w = jnp.concatenate(weights) if weights else jnp.zeros((0,), RATE_DTYPE)
-    return (jnp.sum(k * w) / jnp.maximum(jnp.sum(w), 1.0)).reshape(1)
-  return k
-
-
-def leaf_rate(layout: Layout, vector: jax.Array, q: QuantizedLeaf, ndim: int) -> jax.Array:
-  """The entries of a rate vector for one quantized leaf, shaped to broadcast.
-
-  A tensor's entry is a scalar; a stacked tensor's entries lie along its
-  layer axis, with size 1 on the other axes.
-  """
-  if layout.global_rate:
-    return vector[0]
-  if q.layer_axis is None:
-    return vector[q.offset]
-  shape = [1] * ndim
-  shape[q.layer_axis % ndim] = q.num_rates
-  return vector[q.offset:q.offset + q.num_rates].reshape(shape)
+def has_no_weights(x: Any) -> bool:
+  """A subtree whose arrays are all empty (a zero-size quantized leaf has no rate)."""
+  leaves = jax.tree.leaves(x)
+  return bool(leaves) and all(getattr(leaf, "size", 1) == 0 for leaf in leaves)

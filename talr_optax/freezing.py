@@ -28,6 +28,7 @@ import optax
 from talr_optax import _checks
 from talr_optax import _layout
 from talr_optax import _tree
+from talr_optax import counting
 from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
 from talr_optax.dampening import CentersFn, quantized_centers
 from talr_optax.quantizers import LEVEL_DTYPE
@@ -266,16 +267,17 @@ def _groups(levels_fn: LevelsFn, params: Any, layer_axes: Any, *, init: bool
   """The layout, the int8 levels leaves of ``params`` and the levels' treedef."""
   measure = dict(layer_axes=layer_axes, sample_size=None, global_rate=False)
   if init:
-    layout, levels = _layout.at_init(levels_fn, params, name="freeze_oscillations",
-                                     **measure)
-    return layout, levels, layout.treedef
-  levels, treedef = _layout.call_levels_fn(levels_fn, params)
-  return _layout.build(levels, treedef, params, **measure), levels, treedef
+    layout, levels = counting.init_levels(levels_fn, params, name="freeze_oscillations",
+                                          **measure)
+  else:
+    levels = counting.levels_of(levels_fn, params)
+    layout = _layout.build(levels, params, **measure)
+  return layout, layout.match(levels, "levels"), layout.treedef
 
 
 def _frozen_fraction(layout: _layout.Layout, frozen: list[jax.Array]) -> jax.Array:
   """The fraction of frozen weights of each rate group (float32 vector)."""
-  return _layout.group_means(layout, frozen)
+  return counting.group_means(layout, frozen)
 
 
 def _match(treedef: Any, tree: Any, what: str) -> list[Any]:

@@ -24,7 +24,6 @@ import optax
 
 from talr_optax import _checks
 from talr_optax.freezing import freeze_oscillations
-from talr_optax.schedules import resolve_ema_momentum
 from talr_optax.transform import LevelsFn, ScalarOrSchedule, scale_by_talr
 
 __all__ = ["sgdt", "adamt", "adamwt"]
@@ -47,12 +46,9 @@ def _base_rate(learning_rate: optax.ScalarOrSchedule) -> Any:
 
 def _talr(learning_rate, target_transition_rate, levels_fn, *, ema_momentum,
           freeze, **talr_args) -> optax.GradientTransformationExtraArgs:
-  # scale_by_talr calls the EMA momentum `momentum`; here that is SGD's.
-  ema_momentum = resolve_ema_momentum(ema_momentum, target_transition_rate)
-  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
   talr = scale_by_talr(
       target_transition_rate, levels_fn, learning_rate=_base_rate(learning_rate),
-      momentum=ema_momentum, fallback_learning_rate=learning_rate, **talr_args)
+      ema_momentum=ema_momentum, fallback_learning_rate=learning_rate, **talr_args)
   threshold, centers_fn, freeze_ema_momentum = freeze
   if threshold is None:
     if centers_fn is not None:
@@ -74,22 +70,32 @@ def _chain(name: str, *stages: optax.GradientTransformation
            ) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(*stages)`` whose update says so when given another optimizer's state."""
   tx = optax.chain(*stages)
-  kinds = lambda s: tuple(type(x).__name__ for x in s) if isinstance(s, tuple) else (
-      type(s).__name__,)
-  expected_by_structure: dict[Any, tuple[str, ...]] = {}  # init traced once per structure
+  kinds = lambda s: tuple(map(type, s)) if isinstance(s, tuple) else (type(s),)
+  named = lambda types: tuple(t.__name__ for t in types)
+  shapes = lambda tree: tuple(getattr(x, "shape", None) for x in jax.tree.leaves(tree))
+  expected_by_params: dict[Any, Any] = {}  # init traced once per params' structure and shapes
 
-  def expected_kinds(params):
-    key = jax.tree.structure(params)
-    if key not in expected_by_structure:
-      expected_by_structure[key] = kinds(jax.eval_shape(tx.init, params))
-    return expected_by_structure[key]
+  def expected_state(params):
+    key = (jax.tree.structure(params), shapes(params))
+    if key not in expected_by_params:
+      expected_by_params[key] = jax.eval_shape(tx.init, params)
+    return expected_by_params[key]
 
   def update_fn(updates, state, params=None, **extra_args):
-    expected = None if params is None else expected_kinds(params)
-    if expected is not None and kinds(state) != expected:
-      raise ValueError(
-          f"{name} got a state made by another optimizer: it expects states"
-          f" {expected}, got {kinds(state)}. Call {name}(...).init(params).")
+    if params is not None:
+      expected = expected_state(params)
+      if kinds(state) != kinds(expected):
+        raise ValueError(
+            f"{name} got a state made by another optimizer: it expects states"
+            f" {named(kinds(expected))}, got {named(kinds(state))}. Call"
+            f" {name}(...).init(params).")
+      if shapes(state) != shapes(expected):
+        # The TALR stage names the setting (layer_axes, layers, sample_size)...
+        jax.eval_shape(lambda s, p: stages[-1].update(p, s, p), state[-1], params)
+        raise ValueError(  # ...else another stage's state has other shapes.
+            f"{name} got a state whose arrays have other shapes than"
+            f" {name}(...).init(params) gives: the params' shapes changed since the state"
+            " was made. Call init on these params.")
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -114,7 +120,7 @@ def sgdt(
     ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
-    rate: Optional[float] = None,
+    additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
@@ -136,12 +142,14 @@ def sgdt(
     nesterov: Nesterov momentum.
     weight_decay: coupled L2 coefficient (>= 0); ``None`` drops the stage.
     weight_decay_mask: mask (pytree or callable) of the leaves to decay.
-    ema_momentum: EMA momentum of the transition rate, in ``[0, 1)``;
-      ``None``: :func:`talr_optax.ema_momentum_for` of the target's length
-      when the target is a :func:`talr_optax.cosine_target`, else 0.99.
+    ema_momentum: EMA momentum of the transition rate ``K``, in ``[0, 1)``
+      (``momentum`` is SGD's); ``None``: :func:`talr_optax.ema_momentum_for`
+      of the target's length when the target is a
+      :func:`talr_optax.cosine_target`, else 0.99.
     rule: ``"multiplicative"`` or ``"additive"``.
     granularity: ``"per_tensor"`` or ``"global"``.
-    rate: additive rule only: step of ``U`` (``None``: the base learning rate).
+    additive_step: additive rule only: step of ``U`` per unit of ``R - K``
+      (``None``: the base learning rate).
     layer_axes: layer axis of stacked quantized params (see
       :func:`talr_optax.scale_by_talr`).
     sample_size: count transitions on at most this many weights per rate
@@ -166,7 +174,7 @@ def sgdt(
     stages.append(optax.trace(decay=momentum, nesterov=nesterov))
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      rate=rate, layer_axes=layer_axes, sample_size=sample_size,
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
                       freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("sgdt", *stages)
 
@@ -191,7 +199,7 @@ def adamt(
     ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
-    rate: Optional[float] = None,
+    additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
@@ -209,7 +217,7 @@ def adamt(
   stages.append(_adam(b1, b2, eps))
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      rate=rate, layer_axes=layer_axes, sample_size=sample_size,
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
                       freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("adamt", *stages)
 
@@ -227,7 +235,7 @@ def adamwt(
     ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
-    rate: Optional[float] = None,
+    additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
@@ -245,6 +253,6 @@ def adamwt(
   stages += _decay(weight_decay, weight_decay_mask)
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
-                      rate=rate, layer_axes=layer_axes, sample_size=sample_size,
+                      additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
                       freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("adamwt", *stages)

@@ -25,8 +25,8 @@ import optax
 
 from talr_optax import _checks
 from talr_optax import _layout
+from talr_optax import counting
 from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
-from talr_optax.counting import take_sample
 
 __all__ = ["TrackOscillationsState", "track_oscillations"]
 
@@ -64,7 +64,7 @@ class TrackOscillationsState(NamedTuple):
 def track_oscillations(
     levels_fn: LevelsFn,
     *,
-    momentum: float = 0.99,
+    ema_momentum: float = 0.99,
     threshold: float = 0.02,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
@@ -87,7 +87,7 @@ def track_oscillations(
 
   Args:
     levels_fn: as in :func:`talr_optax.scale_by_talr`.
-    momentum: EMA momentum ``m`` of the frequency, in ``[0, 1)`` (0.99, as in
+    ema_momentum: EMA momentum ``m`` of the frequency, in ``[0, 1)`` (0.99, as in
       Nagel et al.'s tracking, weighs the last ~100 updates).
     threshold: the frequency above which a weight counts as oscillating, in
       ``[0, 1)``. 0.02 means at least two oscillations in about the last
@@ -106,28 +106,26 @@ def track_oscillations(
     Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
   """
   _checks.check_callable("levels_fn", levels_fn, "a function params -> levels")
-  _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
   _checks.check_number("threshold", threshold, 0.0, 1.0, high_open=True)
-  if sample_size is not None:
-    _checks.check_int("sample_size", sample_size, 1)
-
+  _checks.check_sample_size(sample_size)
   measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
 
-  def per_weight(layout, value, dtype):
-    return layout.treedef.unflatten([
-        None if q is None else jnp.full(q.counted_shape, value, dtype)
-        for q in layout.leaves])
-
   def init_fn(params):
-    layout, _ = _layout.at_init(levels_fn, params, name="track_oscillations", **measure)
-    zeros = jnp.zeros((len(layout.names),), RATE_DTYPE)
+    layout, levels = counting.init_levels(levels_fn, params, name="track_oscillations",
+                                          **measure)
+    # Like the counted levels, so each takes the sharding of its param (an
+    # Explicit mesh refuses to mix a replicated state with sharded levels).
+    counted = counting.counted(layout, levels)
+    per_weight = lambda dtype: layout.per_leaf([jnp.zeros_like(c, dtype) for c in counted])
+    zeros = lambda: jnp.zeros((layout.num_rates,), RATE_DTYPE)
     return TrackOscillationsState(
-        last_direction=per_weight(layout, 0, _DIRECTION_DTYPE),
-        oscillation_frequency=per_weight(layout, 0.0, _FREQUENCY_DTYPE),
-        mean_oscillation_frequency=zeros,
-        oscillating_fraction=jnp.zeros_like(zeros),
-        oscillation_rate=jnp.zeros_like(zeros),
-        rate_names=RateNames(layout.names),
+        last_direction=per_weight(_DIRECTION_DTYPE),
+        oscillation_frequency=per_weight(_FREQUENCY_DTYPE),
+        mean_oscillation_frequency=zeros(),
+        oscillating_fraction=zeros(),
+        oscillation_rate=zeros(),
+        rate_names=layout.rate_names,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -136,30 +134,23 @@ def track_oscillations(
       raise ValueError(
           "track_oscillations measures the level changes the update causes, so it"
           " needs the params: call tx.update(updates, state, params).")
-    before, treedef = _layout.call_levels_fn(levels_fn, params)
-    layout = _layout.build(before, treedef, params, **measure)
-    after, _ = _layout.call_levels_fn(levels_fn, optax.apply_updates(params, updates))
-    last = _layout.match(layout.treedef, state.last_direction, "stored directions")
-    freq = _layout.match(layout.treedef, state.oscillation_frequency, "stored frequencies")
-    new_last, new_freq, flips, freqs = [], [], [], []
-    for q in layout.leaves:
-      if q is None:
-        new_last.append(None)
-        new_freq.append(None)
-        continue
-      d, f, flipped = _track(take_sample(before[q.position], q.strides),
-                             take_sample(after[q.position], q.strides),
-                             last[q.position], freq[q.position], momentum)
-      new_last.append(d)
-      new_freq.append(f.astype(_FREQUENCY_DTYPE))
-      flips.append(flipped)
-      freqs.append(f)
+    before = counting.levels_of(levels_fn, params)
+    layout = _layout.build(before, params, **measure)
+    _layout.check_state(layout, state.rate_names, state.last_direction,
+                        (state.mean_oscillation_frequency,), name="track_oscillations",
+                        sample_size=sample_size)
+    # The levels the next step receives: rounded as stored, as track_transitions.
+    after = counting.levels_after(levels_fn, params, updates)
+    tracked = zip(counting.counted(layout, before), counting.counted(layout, after),
+                  counting.stored(layout, state.last_direction, "stored directions"),
+                  counting.stored(layout, state.oscillation_frequency, "stored frequencies"))
+    last, freqs, flips = zip(*(_track(*x, ema_momentum) for x in tracked))
     return updates, TrackOscillationsState(
-        last_direction=layout.treedef.unflatten(new_last),
-        oscillation_frequency=layout.treedef.unflatten(new_freq),
-        mean_oscillation_frequency=_layout.group_means(layout, freqs),
-        oscillating_fraction=_layout.group_means(layout, [f > threshold for f in freqs]),
-        oscillation_rate=_layout.group_means(layout, flips),
+        last_direction=layout.per_leaf(last),
+        oscillation_frequency=layout.per_leaf([f.astype(_FREQUENCY_DTYPE) for f in freqs]),
+        mean_oscillation_frequency=counting.group_means(layout, freqs),
+        oscillating_fraction=counting.group_means(layout, [f > threshold for f in freqs]),
+        oscillation_rate=counting.group_means(layout, flips),
         rate_names=state.rate_names,
     )
 
@@ -167,11 +158,11 @@ def track_oscillations(
 
 
 def _track(old: jax.Array, new: jax.Array, last: jax.Array, freq: jax.Array,
-           momentum: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+           m: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One tensor: (direction of the last change, frequency, oscillated now)."""
   direction = jnp.sign(new.astype(jnp.int32) - old.astype(jnp.int32)).astype(_DIRECTION_DTYPE)
   oscillated = (direction * last) == -1  # the opposite of its previous change
-  f = momentum * freq.astype(RATE_DTYPE) + (1.0 - momentum) * oscillated
+  f = m * freq.astype(RATE_DTYPE) + (1.0 - m) * oscillated
   return jnp.where(direction != 0, direction, last), f, oscillated
 
 

@@ -29,6 +29,7 @@ import optax
 from talr_optax import _checks
 from talr_optax import _layout
 from talr_optax import _tree
+from talr_optax import counting
 from talr_optax import schedules
 from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
 
@@ -112,65 +113,20 @@ def _sanitize_target(value: Any) -> jax.Array:
   return jnp.clip(jnp.nan_to_num(r, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
-def _check_common(levels_fn: Any, momentum: Any, sample_size: Any) -> None:
+def _check_common(levels_fn: Any, ema_momentum: Any, sample_size: Any) -> None:
   _checks.check_callable(
       "levels_fn", levels_fn,
       "a function params -> levels (under optax.inject_hyperparams pass"
       " static_args=('levels_fn',): it treats callables as schedules)")
-  _checks.check_number("momentum", momentum, 0.0, 1.0, high_open=True)
-  if sample_size is not None:
-    _checks.check_int("sample_size", sample_size, 1)
+  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
+  _checks.check_sample_size(sample_size)
 
 
-def _check_update_call(name: str, params: Any, extra_args: dict[str, Any]) -> None:
-  """``update`` needs the params, and ``levels=`` is gone."""
+def _require_params(name: str, params: Any) -> None:
   if params is None:
     raise ValueError(
         f"{name} counts the transitions its update causes, so it needs the params:"
         " call tx.update(updates, state, params).")
-  if extra_args.get("levels") is not None:
-    raise ValueError(
-        f"{name} no longer takes levels=: it counts the transitions the update"
-        " causes, on levels it computes from the params and the updates. Drop the"
-        " argument.")
-
-
-def _levels_after(levels_fn, params, updates) -> tuple[list[Any], Any]:
-  """Levels (and their treedef) of the params the next step receives."""
-  return _layout.call_levels_fn(levels_fn, _rounded(optax.apply_updates(params, updates)))
-
-
-def _count_caused(layout: _layout.Layout, levels: list[Any], prev_levels: Any
-                  ) -> tuple[jax.Array, Any]:
-  """``k`` of the transitions that led to ``levels``, and the levels to store."""
-  return (_layout.transition_rates(layout, levels, prev_levels),
-          _layout.counted_levels(layout, levels))
-
-
-def _rounded(params: Any) -> Any:
-  """Params below float32 precision, rounded as they will be stored.
-
-  Under jit XLA may keep ``p + u`` of bfloat16 / float16 params in float32
-  (excess precision) when the levels read it, so the levels would be those of
-  the unrounded sum, not of the params the next step receives.
-  ``reduce_precision`` pins the rounding (to nearest even, like the cast).
-  """
-
-  def pin(x):
-    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
-      return x
-    info = jnp.finfo(x.dtype)
-    if info.nmant >= jnp.finfo(jnp.float32).nmant:
-      return x
-    wide = jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp,
-                                    mantissa_bits=info.nmant)
-    return wide.astype(x.dtype)
-
-  return jax.tree.map(pin, params)
-
-
-def _names(layout: _layout.Layout) -> RateNames:
-  return RateNames(("",) if layout.global_rate else layout.names)
 
 
 def _scale(g: jax.Array, lr: jax.Array) -> jax.Array:
@@ -189,8 +145,8 @@ def scale_by_talr(
     *,
     learning_rate: float,
     rule: str = "multiplicative",
-    momentum: Optional[float] = None,
-    rate: Optional[float] = None,
+    ema_momentum: Optional[float] = None,
+    additive_step: Optional[float] = None,
     granularity: str = "per_tensor",
     fallback_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     layer_axes: Any = None,
@@ -236,11 +192,13 @@ def scale_by_talr(
     learning_rate: base learning rate (> 0): ``U_0``, and the scale of ``c``.
     rule: ``"multiplicative"`` (the authors' code) or ``"additive"`` (the
       paper's Eq. 11).
-    momentum: EMA momentum ``m`` of the transition rate, in ``[0, 1)``;
+    ema_momentum: momentum ``m`` of the exponential moving average ``K`` of the
+      transition rate, in ``[0, 1)``; also the smoothing of ``c`` in the
+      multiplicative rule. ``K`` reflects about the last ``1 / (1 - m)`` updates.
       ``None``: :func:`talr_optax.ema_momentum_for` of the target's length if
       it knows it (:func:`talr_optax.cosine_target` does), else 0.99.
-    rate: additive rule only: the step ``eta`` of ``U`` (> 0); ``None`` means
-      ``learning_rate``.
+    additive_step: additive rule only: the step ``eta`` by which ``U`` moves per
+      unit of ``R - K`` (> 0); ``None`` means ``learning_rate``.
     granularity: ``"per_tensor"`` (one ``U`` per quantized tensor, as in the
       authors' code) or ``"global"`` (one rate pooled over all of them).
     fallback_learning_rate: learning rate (float or schedule) for leaves whose
@@ -264,19 +222,20 @@ def scale_by_talr(
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
     Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
   """
-  momentum = schedules.resolve_ema_momentum(momentum, target_transition_rate)
-  _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, momentum,
-                        rate, granularity, fallback_learning_rate, layer_axes, sample_size)
+  ema_momentum = schedules.resolve_ema_momentum(ema_momentum, target_transition_rate)
+  _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, ema_momentum,
+                        additive_step, granularity, fallback_learning_rate, layer_axes,
+                        sample_size)
   target_fn = _as_schedule(target_transition_rate)
   fallback_fn = None if fallback_learning_rate is None else _as_schedule(
       fallback_learning_rate)
-  adapt = _adaptation(rule, momentum, learning_rate,
-                      eta=learning_rate if rate is None else rate)
+  adapt = _adaptation(rule, ema_momentum, learning_rate,
+                      eta=learning_rate if additive_step is None else additive_step)
   measure = dict(layer_axes=layer_axes, sample_size=sample_size,
                  global_rate=granularity == "global")
 
   def init_fn(params):
-    layout, levels = _layout.at_init(levels_fn, params, name="scale_by_talr", **measure)
+    layout, levels = counting.init_levels(levels_fn, params, name="scale_by_talr", **measure)
     if fallback_fn is None:
       _require_no_unquantized_leaf(layout, levels, params)
     r0 = _sanitize_target(target_fn(jnp.asarray(0, jnp.int32)))
@@ -284,34 +243,39 @@ def scale_by_talr(
     fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
     return ScaleByTALRState(
         talr_count=jnp.zeros((), jnp.int32),
-        prev_levels=_layout.counted_levels(layout, levels),
+        prev_levels=layout.per_leaf(counting.counted(layout, levels)),
         transition_rate=fill(0.0),
         ema_transition_rate=fill(r0),
         target_transition_rate=fill(r0),
         talr=fill(jnp.asarray(learning_rate, RATE_DTYPE)),
         talr_scale=fill(1.0),
-        rate_names=_names(layout),
+        rate_names=layout.rate_names,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _check_update_call("scale_by_talr", params, extra_args)
+    del extra_args
+    _require_params("scale_by_talr", params)
     if not isinstance(state, ScaleByTALRState):
       raise ValueError(
           f"state must be the ScaleByTALRState of this transformation, got"
           f" {type(state).__name__}: was the state made by another optimizer?")
+    layout = _layout.build(jax.eval_shape(levels_fn, params), params, **measure)
+    _layout.check_state(layout, state.rate_names, state.prev_levels,
+                        (state.talr, state.talr_scale, state.ema_transition_rate),
+                        name="scale_by_talr", sample_size=sample_size)
     n = state.talr_count
     fallback = None if fallback_fn is None else jnp.asarray(fallback_fn(n), RATE_DTYPE)
     # 1. The update, from U_n alone: it never waits for this step's count.
-    layout = _layout.of_shapes(levels_fn, params, **measure)
     updates = _scale_updates(layout, updates, state.talr, fallback)
     # 2. The transitions it causes set U_(n+1), for the target R(n+1).
-    levels, _ = _levels_after(levels_fn, params, updates)
-    k, prev_levels = _count_caused(layout, levels, state.prev_levels)
+    new = counting.counted(layout, counting.levels_after(levels_fn, params, updates))
+    k = counting.transition_rates(
+        layout, new, counting.stored(layout, state.prev_levels, "stored levels"))
     R = _sanitize_target(target_fn(optax.safe_increment(n)))
     K, U, c = adapt(k, state.ema_transition_rate, state.talr, state.talr_scale, R)
     return updates, ScaleByTALRState(
         talr_count=optax.safe_increment(n),
-        prev_levels=prev_levels,
+        prev_levels=layout.per_leaf(new),
         transition_rate=k,
         ema_transition_rate=K,
         target_transition_rate=jnp.broadcast_to(R, K.shape),
@@ -323,21 +287,22 @@ def scale_by_talr(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_talr_arguments(target, levels_fn, learning_rate, rule, momentum, rate,
+def _check_talr_arguments(target, levels_fn, learning_rate, rule, ema_momentum, additive_step,
                           granularity, fallback_learning_rate, layer_axes, sample_size) -> None:
   """The checks of :func:`scale_by_talr`'s arguments, each naming the argument."""
   _check_target(target, "target_transition_rate")
-  _check_common(levels_fn, momentum, sample_size)
+  _check_common(levels_fn, ema_momentum, sample_size)
   _checks.check_number("learning_rate", learning_rate, 0.0, np.inf,
                        low_open=True, high_open=True)
   _checks.check_choice("rule", rule, ("multiplicative", "additive"))
   _checks.check_choice("granularity", granularity, ("per_tensor", "global"))
-  if rate is not None:
+  if additive_step is not None:
     if rule != "additive":
       raise ValueError(
-          f"rate is the step of the additive rule; with rule={rule!r} it would be"
-          " ignored. Pass rule='additive' or leave rate=None.")
-    _checks.check_number("rate", rate, 0.0, np.inf, low_open=True, high_open=True)
+          f"additive_step is the step of the additive rule; with rule={rule!r} it would"
+          " be ignored. Pass rule='additive' or leave additive_step=None.")
+    _checks.check_number("additive_step", additive_step, 0.0, np.inf, low_open=True,
+                         high_open=True)
   if layer_axes is not None and granularity == "global":
     raise ValueError(
         "layer_axes gives each layer its own rate, which granularity='global'"
@@ -346,28 +311,27 @@ def _check_talr_arguments(target, levels_fn, learning_rate, rule, momentum, rate
     _checks.check_scalar_or_schedule("fallback_learning_rate", fallback_learning_rate)
 
 
-def _adaptation(rule: str, momentum: float, learning_rate: Any, eta: Any):
+def _adaptation(rule: str, m: float, learning_rate: Any, eta: Any):
   """``(k_n, K_n, U_n, c_n, R(n+1)) -> (K_(n+1), U_(n+1), c_(n+1))`` of the rule."""
 
   def adapt(k, K, U, c, R):
-    K = momentum * K + (1.0 - momentum) * k
+    K = m * K + (1.0 - m) * k
     if rule == "additive":
       U = jnp.maximum(0.0, U + eta * (R - K))
     else:
-      c = jnp.minimum(momentum * c + (1.0 - momentum) * c * R / (K + _EPS), _RATE_MAX)
+      c = jnp.minimum(m * c + (1.0 - m) * c * R / (K + _EPS), _RATE_MAX)
       U = jnp.minimum(learning_rate * c, _RATE_MAX)
     return K.astype(RATE_DTYPE), U.astype(RATE_DTYPE), c.astype(RATE_DTYPE)
 
   return adapt
 
 
-def _require_no_unquantized_leaf(layout: _layout.Layout, levels: list[Any], params: Any
-                                 ) -> None:
+def _require_no_unquantized_leaf(layout: _layout.Layout, levels: Any, params: Any) -> None:
   """Without a fallback learning rate, every param leaf must be quantized."""
   unquantized = [
-      i for i, (level, p) in enumerate(zip(levels, _layout.match(
-          layout.treedef, params, "params")))
-      if level is None and not _tree.is_none_or_masked(p)]
+      i for i, (level, p) in enumerate(zip(layout.match(levels, "levels"),
+                                           layout.match(params, "params")))
+      if _tree.is_none_or_masked(level) and not _tree.is_none_or_masked(p)]
   if unquantized:
     raise ValueError(
         f"levels_fn returned None for {len(unquantized)} param leaves (e.g. leaf"
@@ -380,12 +344,11 @@ def _scale_updates(layout: _layout.Layout, updates: Any, talr: jax.Array,
                    fallback: Optional[jax.Array]) -> Any:
   """``-U * g`` on quantized leaves (per tensor or layer), ``-fallback * g`` elsewhere."""
   scaled = []
-  for q, u in zip(layout.leaves, _layout.match(layout.treedef, updates, "updates")):
+  for q, u in zip(layout.leaves, layout.match(updates, "updates")):
     if _tree.is_none_or_masked(u) or _layout.has_no_weights(u):
       scaled.append(u)
     elif q is not None:
-      scaled.append(jax.tree.map(
-          lambda g, q=q: _scale(g, _layout.leaf_rate(layout, talr, q, g.ndim)), u))
+      scaled.append(jax.tree.map(lambda g, q=q: _scale(g, layout.rate_of(talr, q, g.ndim)), u))
     elif fallback is not None:
       scaled.append(jax.tree.map(lambda g: _scale(g, fallback), u))
     else:
@@ -399,7 +362,7 @@ def track_transitions(
     levels_fn: LevelsFn,
     initial_rate: ScalarOrSchedule,
     *,
-    momentum: Optional[float] = None,
+    ema_momentum: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -416,7 +379,7 @@ def track_transitions(
     initial_rate: ``K_0`` in ``[0, 1]``, a float or a schedule whose value at
       step 0 is used. Pass the target given to :func:`scale_by_talr` so both
       ``K`` start at ``R(0)``.
-    momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``; ``None``: as in
+    ema_momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``; ``None``: as in
       :func:`scale_by_talr`, from ``initial_rate``.
     layer_axes: as in :func:`scale_by_talr`.
     sample_size: as in :func:`scale_by_talr`.
@@ -426,27 +389,34 @@ def track_transitions(
     :class:`TrackTransitionsState`.
   """
   _check_target(initial_rate, "initial_rate")
-  momentum = schedules.resolve_ema_momentum(momentum, initial_rate)
-  _check_common(levels_fn, momentum, sample_size)
+  ema_momentum = schedules.resolve_ema_momentum(ema_momentum, initial_rate)
+  _check_common(levels_fn, ema_momentum, sample_size)
   k0 = _as_schedule(initial_rate)(jnp.asarray(0, jnp.int32))
   measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
 
   def init_fn(params):
-    layout, levels = _layout.at_init(levels_fn, params, name="track_transitions", **measure)
+    layout, levels = counting.init_levels(levels_fn, params, name="track_transitions",
+                                          **measure)
     fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
     return TrackTransitionsState(
-        prev_levels=_layout.counted_levels(layout, levels),
+        prev_levels=layout.per_leaf(counting.counted(layout, levels)),
         transition_rate=fill(0.0),
         ema_transition_rate=fill(_sanitize_target(k0)),
-        rate_names=_names(layout),
+        rate_names=layout.rate_names,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _check_update_call("track_transitions", params, extra_args)
-    levels, treedef = _levels_after(levels_fn, params, updates)
-    layout = _layout.build(levels, treedef, params, **measure)
-    k, prev_levels = _count_caused(layout, levels, state.prev_levels)
-    K = (momentum * state.ema_transition_rate + (1.0 - momentum) * k).astype(RATE_DTYPE)
-    return updates, TrackTransitionsState(prev_levels, k, K, state.rate_names)
+    del extra_args
+    _require_params("track_transitions", params)
+    levels = counting.levels_after(levels_fn, params, updates)
+    layout = _layout.build(levels, params, **measure)
+    _layout.check_state(layout, state.rate_names, state.prev_levels,
+                        (state.ema_transition_rate,), name="track_transitions",
+                        sample_size=sample_size)
+    new = counting.counted(layout, levels)
+    k = counting.transition_rates(
+        layout, new, counting.stored(layout, state.prev_levels, "stored levels"))
+    K = (ema_momentum * state.ema_transition_rate + (1.0 - ema_momentum) * k).astype(RATE_DTYPE)
+    return updates, TrackTransitionsState(layout.per_leaf(new), k, K, state.rate_names)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

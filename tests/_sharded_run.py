@@ -381,6 +381,64 @@ def sampled_section(mesh):
   return r
 
 
+def explicit_default_mesh():
+  """``jax.make_mesh``'s default (Explicit) axes: sample_size, and the oscillation
+  monitor with ``jax.jit(tx.init)``, against the same runs on one device."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  rng = np.random.default_rng(2)
+  params = {"w1": rng.normal(size=(16, 32)), "w2": rng.normal(size=(32, 36)),
+            "stack": rng.normal(size=(4, 32, 24))}
+  params = {k: v.astype(np.float32) for k, v in params.items()}
+  specs = {"w1": P(None, "model"), "w2": P("data", "model"), "stack": P("model", None, "data")}
+  levels_fn = talr.levels_fn_from_scales({k: 3 * float(v.std()) for k, v in params.items()}, 2)
+  axes = {"w1": None, "w2": None, "stack": 0}
+  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+           for _ in range(5)]
+  arms = {
+      "sampled": (lambda: talr.sgdt(0.05, 0.02, levels_fn, sample_size=50, layer_axes=axes),
+                  False),
+      "sampled_jit_init": (lambda: talr.sgdt(0.05, 0.02, levels_fn, sample_size=50), True),
+      "oscillations_jit_init": (lambda: optax.chain(optax.sgd(0.1), talr.track_oscillations(
+          levels_fn, ema_momentum=0.5, layer_axes=axes)), True),
+      "oscillations_sampled_jit_init": (lambda: optax.chain(optax.sgd(0.1), talr.track_oscillations(
+          levels_fn, ema_momentum=0.5, sample_size=50)), True),
+  }
+
+  def train(tx, put, jit_init):
+    p = put(params)
+    state = (jax.jit(tx.init) if jit_init else tx.init)(p)
+
+    @jax.jit
+    def step(p, state, g):
+      u, state = tx.update(g, state, p)
+      return optax.apply_updates(p, u), state
+
+    for g in grads:
+      p, state = step(p, state, put(g))
+    return p, state
+
+  report = {"axis_types": [t.name for t in mesh.axis_types]}
+  for name, (make, jit_init) in arms.items():
+    with jax.set_mesh(mesh):
+      put = lambda t: {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in t.items()}
+      p_sh, s_sh = train(make(), put, jit_init)
+    p_1, s_1 = train(make(), lambda t: jax.device_put(t, jax.devices()[0]), jit_init)
+    ints = [(a, b) for a, b in zip(jax.tree.leaves(s_sh), jax.tree.leaves(s_1))
+            if jnp.issubdtype(a.dtype, jnp.integer)]
+    floats = [(a, b) for a, b in zip(jax.tree.leaves(s_sh), jax.tree.leaves(s_1))
+              if not jnp.issubdtype(a.dtype, jnp.integer)]
+    last = s_sh[-1]
+    moved = (last.transition_rate if hasattr(last, "transition_rate")
+             else last.oscillation_rate)
+    report[name] = {
+        "integers_equal": all(np.array_equal(a, b) for a, b in ints),
+        "max_abs_diff_floats": max(max_diff(a, b) for a, b in floats),
+        "max_abs_diff_params": max(max_diff(p_sh[k], p_1[k]) for k in params),
+        "moved": float(np.sum(moved)) + float(np.sum(getattr(last, "mean_oscillation_frequency", 0))),
+    }
+  return report
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   # Auto axes: jit propagates shardings (GSPMD), the usual training setup.
@@ -389,6 +447,7 @@ def main():
   report.update(mlp_sections(mesh))
   report["stacked"] = stacked_section(mesh)
   report["sampled"] = sampled_section(mesh)
+  report["explicit_default"] = explicit_default_mesh()
   print("REPORT " + json.dumps(report))
 
 

@@ -151,3 +151,41 @@ def test_core_does_not_import_orbax_or_the_demo():
   out = _python("-c", "import sys, talr_optax; "
                       "print(any(m.startswith(('orbax', 'talr_optax.demo')) for m in sys.modules))")
   assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------------------
+# The recipe across a change of configuration: the setting is named.
+
+
+def _sgdt_state(layers=4, **kw):
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(layers, 32, 32)),
+                             jnp.float32), "b": jnp.zeros(8)}
+  levels_fn = talr.levels_fn_from_scales({"w": 1.0, "b": None}, 2)
+  return {"params": params, "opt_state": talr.sgdt(0.1, 0.01, levels_fn, **kw).init(params)}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("saved, here, match", [
+    ({}, {"sample_size": 64}, "sample_size differs"),
+    ({"sample_size": 64}, {}, "sample_size differs"),
+    ({}, {"layer_axes": {"w": 0, "b": None}}, "layer_axes or granularity differs"),
+    ({}, {"granularity": "global", "layers": 4}, None),
+    ({"layer_axes": {"w": 0, "b": None}}, {"layer_axes": {"w": 0, "b": None}, "layers": 6},
+     "the model differs, e.g. in its number of stacked layers"),
+], ids=["sampled", "unsampled", "layer_axes", "granularity", "layers"])
+def test_the_recipe_names_the_setting_a_restore_changes(tmp_path, saved, here, match):
+  sys.path.insert(0, str(ROOT / "tests"))
+  import _checkpoint_run  # pylint: disable=import-outside-toplevel
+  recipe = _checkpoint_run.recipe()
+  layers = here.pop("layers", 4)
+  manager = recipe["checkpoint_manager"](tmp_path)
+  recipe["save"](manager, 1, _sgdt_state(**saved), {})
+  like = _sgdt_state(layers, **here)
+  if match is None:  # one tensor: one rate either way, and the same shapes
+    recipe["restore"](manager, like)
+  else:
+    with pytest.raises(ValueError, match=rf"does not fit this run: .*{match}") as info:
+      recipe["restore"](manager, like)
+    assert "strict" not in str(info.value)
+  assert recipe["restore"](manager, _sgdt_state(**saved))[0] == 1
+  manager.close()

@@ -107,7 +107,7 @@ def test_each_layer_adapts_its_own_rate():
   w = _weights(3)
   scales = _scales(w)
   tx = talr.scale_by_talr(0.01, _levels_stacked(scales), learning_rate=0.05,
-                          momentum=0.5, layer_axes={"layers": 0})
+                          ema_momentum=0.5, layer_axes={"layers": 0})
   params = {"layers": jnp.asarray(w)}
   state = tx.init(params)
   rng = np.random.default_rng(2)

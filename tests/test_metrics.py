@@ -109,7 +109,7 @@ def test_values_by_hand_after_one_update():
   # [1, -2, 1, 0, -2, 1], so k = 1/6.
   params = {"w": jnp.asarray([0.2, -0.1, 0.4, 0.05, -0.3, 0.6])}
   tx = talr_optax.scale_by_talr(0.05, talr_optax.levels_fn_from_scales({"w": 0.25}, 2),
-                                learning_rate=0.1, momentum=0.9)
+                                learning_rate=0.1, ema_momentum=0.9)
   state = tx.init(params)
   _, state = tx.update({"w": jnp.ones(6)}, state, params)
   k = 1 / 6
@@ -225,7 +225,7 @@ def test_duplicate_names_get_a_suffix_in_state_order():
   # Two monitors: the second one's keys get #2 (the key's third occurrence).
   tx = optax.chain(optax.trace(0.9), _talr_tx(),
                    talr_optax.track_transitions(LEVELS_FN, 0.05),
-                   talr_optax.track_transitions(LEVELS_FN, 0.01, momentum=0.5))
+                   talr_optax.track_transitions(LEVELS_FN, 0.01, ema_momentum=0.5))
   state = _run(tx)
   m = talr_optax.metrics(state)
   assert set(m) == (_expected_keys() | _expected_keys(fields=MONITOR_FIELDS, suffix="#1")
@@ -365,3 +365,42 @@ def test_nnx_optimizer_global_granularity_keys():
   m = talr_optax.metrics(optimizer.opt_state)
   assert set(m) == set(FIELDS)
   _check_values(m, state)
+
+
+def test_every_value_of_twelve_stacked_layers_is_its_own_layer():
+  # Layer i of a (12, 4, 5) stack moves exactly i + 1 of its 20 weights by one
+  # level, so k_i = (i + 1) / 20: a key paired with another layer's value
+  # (names sorted as strings: w[10] before w[2]) is wrong by at least 1 / 20.
+  layers, lr, m, r = 12, 1.0, 0.5, 0.02
+  params = {"w": jnp.zeros((layers, 4, 5))}
+  moved = np.zeros((layers, 4, 5), np.float32)
+  for i in range(layers):
+    moved[i].reshape(-1)[: i + 1] = 1.0
+  levels_fn = talr_optax.levels_fn_from_scales({"w": 1.0}, 2)
+  tx = talr_optax.scale_by_talr(r, levels_fn, learning_rate=lr, ema_momentum=m,
+                                layer_axes={"w": 0})
+  monitor = talr_optax.track_oscillations(levels_fn, layer_axes={"w": 0})
+  both = optax.chain(tx, monitor)
+  state = both.init(params)
+  _, state = both.update({"w": -jnp.asarray(moved)}, state, params)  # u = -lr * g = +1
+  out = talr_optax.metrics(state)
+  k = (np.arange(layers) + 1) / 20
+  K = m * r + (1 - m) * k
+  U = lr * (m + (1 - m) * r / (K + 1e-8))
+  for i in range(layers):
+    name = f"w[{i}]"
+    np.testing.assert_allclose(out[f"transition_rate/{name}"], k[i], rtol=1e-6)
+    np.testing.assert_allclose(out[f"ema_transition_rate/{name}"], K[i], rtol=1e-6)
+    np.testing.assert_allclose(out[f"talr/{name}"], U[i], rtol=1e-5)
+    np.testing.assert_allclose(out[f"target_transition_rate/{name}"], r, rtol=1e-6)
+    # A first change is no oscillation: the monitor's rate is 0 in every layer.
+    assert float(out[f"oscillation_rate/{name}"]) == 0.0
+  assert len(out) == layers * (len(FIELDS) + 3)
+  # Back by 2 U_1 > 1 (U_1 > 0.5): the same weights return below level 1, an
+  # oscillation each.
+  params = optax.apply_updates(params, {"w": jnp.asarray(moved)})
+  _, state = both.update({"w": jnp.asarray(2 * moved)}, state, params)
+  out = talr_optax.metrics(state)
+  for i in range(layers):
+    np.testing.assert_allclose(out[f"oscillation_rate/w[{i}]"], k[i], rtol=1e-6)
+    np.testing.assert_allclose(out[f"transition_rate/w[{i}]"], k[i], rtol=1e-6)

@@ -375,8 +375,8 @@ def test_weight_decay_mask_adamw():
         (talr_optax.adamt, dict(rule="exponential"), "rule"),
         (talr_optax.sgdt, dict(granularity="per_channel"), "granularity"),
         (talr_optax.adamwt, dict(granularity="per_channel"), "granularity"),
-        (talr_optax.sgdt, dict(rate=0.1), "rate"),
-        (talr_optax.sgdt, dict(rule="additive", rate=-0.1), "rate"),
+        (talr_optax.sgdt, dict(additive_step=0.1), "additive_step"),
+        (talr_optax.sgdt, dict(rule="additive", additive_step=-0.1), "additive_step"),
         (talr_optax.sgdt, dict(sample_size=0), "sample_size"),
         (talr_optax.adamwt, dict(sample_size=2.5), "sample_size"),
         (talr_optax.sgdt, dict(granularity="global", layer_axes={"w": 0, "b": None}),
@@ -428,5 +428,5 @@ def test_track_transitions_default_momentum_follows_the_targets_length():
   target = talr_optax.cosine_target(0.05, 1000)
   chain = lambda **kw: optax.chain(optax.sgd(0.05), talr_optax.track_transitions(
       levels_fn, target, **kw))
-  np.testing.assert_array_equal(_k_after(chain()), _k_after(chain(momentum=0.95)))
-  assert not np.array_equal(_k_after(chain()), _k_after(chain(momentum=0.99)))
+  np.testing.assert_array_equal(_k_after(chain()), _k_after(chain(ema_momentum=0.95)))
+  assert not np.array_equal(_k_after(chain()), _k_after(chain(ema_momentum=0.99)))

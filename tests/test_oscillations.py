@@ -34,7 +34,7 @@ def test_matches_reference_and_sees_oscillations():
   s, m, th = 2.0, 0.9, 0.05
   params = {"w": jnp.asarray(w), "b": jnp.zeros(3)}
   levels_fn = talr.levels_fn_from_scales({"w": s, "b": None}, 2)
-  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(levels_fn, momentum=m,
+  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(levels_fn, ema_momentum=m,
                                                            threshold=th))
   state = tx.init(params)
   ref = ReferenceOscillations(w.shape, m)
@@ -95,7 +95,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="threshold"):
     talr.track_oscillations(fn, threshold=1.5)
   with pytest.raises(ValueError, match="momentum"):
-    talr.track_oscillations(fn, momentum=1.0)
+    talr.track_oscillations(fn, ema_momentum=1.0)
   with pytest.raises(ValueError, match="sample_size"):
     talr.track_oscillations(fn, sample_size=0)
   tx = talr.track_oscillations(fn)
@@ -124,3 +124,85 @@ def test_init_on_an_uncalibrated_nnx_model():
   levels_fn = tnnx.levels_fn_for(model)
   state = talr.track_oscillations(levels_fn).init(nnx.state(model, nnx.Param))
   assert state.rate_names.names == ("conv2/kernel", "conv3/kernel")
+
+
+# ---------------------------------------------------------------------------
+# The edges: the layer axis last, threshold 0, bfloat16 params under jit.
+
+
+def _back_and_forth(tx, params, steps, seed=0, jit=True):
+  """Steps that push weights across transition points and back; the states and params."""
+  rng = np.random.default_rng(seed)
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  out = []
+  for step in range(steps):
+    sign = 1.0 if step % 2 == 0 else -1.0
+    g = jax.tree.map(
+        lambda p: jnp.asarray(sign * 0.6 * rng.random(size=p.shape), p.dtype), params)
+    upd, state = update(g, state, params)
+    new = optax.apply_updates(params, upd)
+    out.append((params, new, state))
+    params = new
+  return out
+
+
+@pytest.mark.parametrize("axis", [2, -1])
+def test_layer_axis_last_matches_the_reference_per_layer(axis):
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(4, 6, 3)).astype(np.float32)
+  s, m, th = 2.0, 0.8, 0.05
+  levels_fn = talr.levels_fn_from_scales({"w": s}, 2)
+  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(
+      levels_fn, ema_momentum=m, threshold=th, layer_axes={"w": axis}))
+  ref = ReferenceOscillations(w.shape, m)
+  per_layer = lambda x: np.moveaxis(np.asarray(x, np.float64), 2, 0).reshape(3, -1).mean(axis=1)
+  for before, after, state in _back_and_forth(tx, {"w": jnp.asarray(w)}, steps=12):
+    ref.observe(ref_levels(np.asarray(before["w"]), s, 2), ref_levels(np.asarray(after["w"]), s, 2))
+    t = state[1]
+    assert t.rate_names.names == ("w[0]", "w[1]", "w[2]")
+    np.testing.assert_allclose(t.oscillation_rate, per_layer(ref.flips), rtol=1e-6)
+    np.testing.assert_allclose(t.mean_oscillation_frequency, per_layer(ref.f), rtol=2e-3,
+                               atol=1e-5)
+    np.testing.assert_allclose(t.oscillating_fraction, per_layer(ref.f > th), atol=1e-6)
+  assert len(set(np.round(per_layer(ref.f), 6))) == 3, "layers must differ"
+
+
+def test_threshold_zero_counts_every_weight_that_oscillated():
+  rng = np.random.default_rng(2)
+  w = rng.normal(size=(8, 10)).astype(np.float32)
+  s = 2.0
+  levels_fn = talr.levels_fn_from_scales({"w": s}, 2)
+  tx = optax.chain(optax.sgd(1.0), talr.track_oscillations(levels_fn, ema_momentum=0.9,
+                                                           threshold=0.0))
+  ref = ReferenceOscillations(w.shape, 0.9)
+  for before, after, state in _back_and_forth(tx, {"w": jnp.asarray(w)}, steps=10, seed=3):
+    ref.observe(ref_levels(np.asarray(before["w"]), s, 2), ref_levels(np.asarray(after["w"]), s, 2))
+    np.testing.assert_allclose(state[1].oscillating_fraction, [np.mean(ref.f > 0)], atol=1e-6)
+  assert 0 < np.mean(ref.f > 0) < 1, "some weights oscillate, some never do"
+
+
+def test_bfloat16_params_under_jit_count_the_stored_levels():
+  # Under jit XLA may keep p + u of bfloat16 params in float32 where the
+  # levels read it; the monitor must see the levels of the params the step
+  # returns (rounded to bfloat16), as track_transitions does.
+  rng = np.random.default_rng(4)
+  s, m = 3.0, 0.9
+  params = {"w": jnp.asarray(rng.normal(size=(8, 16)), jnp.bfloat16)}
+  levels_fn = talr.levels_fn_from_scales({"w": s}, 2)
+  tx = optax.chain(optax.sgd(0.05, momentum=0.9), talr.track_oscillations(
+      levels_fn, ema_momentum=m))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  ref = ReferenceOscillations((8, 16), m)
+  for step in range(20):
+    g = {"w": (0.1 * params["w"] + jnp.asarray(rng.normal(size=(8, 16)), jnp.bfloat16))}
+    upd, state = update(g, state, params)
+    new = optax.apply_updates(params, upd)
+    ref.observe(ref_levels(np.asarray(params["w"], np.float64), s, 2),
+                ref_levels(np.asarray(new["w"], np.float64), s, 2))
+    np.testing.assert_array_equal(state[1].last_direction["w"], ref.last.astype(np.int8),
+                                  err_msg=f"step {step}")
+    np.testing.assert_allclose(state[1].oscillation_rate, [ref.flips.mean()], rtol=1e-6)
+    params = new
+  assert ref.f.mean() > 0, "the run must oscillate"

@@ -192,3 +192,18 @@ def test_sgdt_gives_each_layer_its_own_rate():
       assert float(m[f"transition_rate/{path}[{layer}]"]) == pytest.approx(
           float(jnp.mean(changed[layer])))
   assert not any("blocks/k/" in key for key in m)
+
+
+def test_inject_hyperparams_with_the_qwix_layer_axes_names_static_args():
+  qt_model = qt(_stacked(), [qwix.QtRule(module_path="blocks/(q|mlp)", weight_qtype="int2")], X)
+  levels_fn = tq.levels_fn_from_qwix(qt_model, X)
+  p = params(qt_model)
+  make = lambda static: optax.inject_hyperparams(talr_optax.sgdt, static_args=static)(
+      learning_rate=0.5, target_transition_rate=0.01, levels_fn=levels_fn,
+      layer_axes=levels_fn.layer_axes)
+  # inject_hyperparams calls a callable layer_axes with the step count.
+  with pytest.raises(ValueError, match=r"layer_axes was called with a step count.*"
+                                       r"static_args=\('layer_axes',\)"):
+    make(("levels_fn",)).init(p)
+  state = make(("levels_fn", "layer_axes")).init(p)
+  assert f"blocks/q/kernel[{LAYERS - 1}]" in state.inner_state[-1].rate_names.names

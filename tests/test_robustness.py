@@ -238,7 +238,7 @@ def test_frozen_tensor_saturates_without_nan_and_zero_gradient_stays_zero(dtype)
   params = {"a": _params(dtype)["a"], "b": jnp.linspace(-1, 1, 32).astype(dtype)}
   lf = talr.levels_fn_from_scales({"a": 3.0, "b": 1.0}, 2)
   tx = talr.scale_by_talr(talr.cosine_target(0.05, steps - 50), lf, learning_rate=0.1,
-                          momentum=0.9)
+                          ema_momentum=0.9)
   state = tx.init(params)
 
   def body(carry, t):
@@ -327,7 +327,7 @@ def test_nan_params_under_global_granularity_keep_the_shared_rate_finite():
 
 def test_nan_weights_count_one_burst_of_transitions_then_none():
   lf = talr.levels_fn_from_scales({"w": 1.0}, 2)
-  tx = talr.scale_by_talr(0.1, lf, learning_rate=0.1, momentum=0.0)
+  tx = talr.scale_by_talr(0.1, lf, learning_rate=0.1, ema_momentum=0.0)
   w = jnp.array([0.3, 0.3, -0.3, -0.9])  # levels [1, 1, -1, -2]
   state = tx.init({"w": w})
   nan_w = {"w": w.at[0].set(jnp.nan).at[2].set(jnp.nan)}
@@ -572,7 +572,7 @@ def test_target_leaving_the_unit_interval_is_clipped_and_nan_acts_as_zero(rule):
   bad = [0.02, 5.0, -3.0, np.nan, np.inf, -np.inf, 0.3, np.nan, 0.02]
   clean = [0.02, 1.0, 0.0, 0.0, 1.0, 0.0, 0.3, 0.0, 0.02]
   make = lambda values: talr.scale_by_talr(
-      _schedule(values), LEVELS_FN, learning_rate=0.05, rule=rule, momentum=0.5,
+      _schedule(values), LEVELS_FN, learning_rate=0.05, rule=rule, ema_momentum=0.5,
       fallback_learning_rate=0.05)
   runs = []
   for values in (bad, clean):
@@ -694,14 +694,14 @@ def test_state_of_another_optimizer_names_both(jit):
 
 
 @pytest.mark.parametrize("make", [
-    lambda lf: talr.scale_by_talr(0.02, lf, learning_rate=0.0625, momentum=0.5,
+    lambda lf: talr.scale_by_talr(0.02, lf, learning_rate=0.0625, ema_momentum=0.5,
                                   fallback_learning_rate=0.05),
     lambda lf: talr.scale_by_talr(optax.piecewise_constant_schedule(0.02, {4: 0.5}), lf,
                                   learning_rate=0.0625,
-                                  momentum=0.5, rule="additive", fallback_learning_rate=0.05),
-    lambda lf: talr.scale_by_talr(0.02, lf, learning_rate=0.0625, momentum=0.5,
+                                  ema_momentum=0.5, rule="additive", fallback_learning_rate=0.05),
+    lambda lf: talr.scale_by_talr(0.02, lf, learning_rate=0.0625, ema_momentum=0.5,
                                   granularity="global", fallback_learning_rate=0.05),
-    lambda lf: optax.chain(optax.scale(-0.125), talr.track_transitions(lf, 0.02, momentum=0.5)),
+    lambda lf: optax.chain(optax.scale(-0.125), talr.track_transitions(lf, 0.02, ema_momentum=0.5)),
 ], ids=["multiplicative", "additive", "global", "monitor"])
 def test_eager_and_jitted_update_are_bitwise_identical(make):
   # XLA:CPU contracts a * b + c into one fused multiply-add under jit (the
@@ -764,17 +764,17 @@ _BAD = {
     "lr string": (_talr_kw(learning_rate="0.1"), "learning_rate must be a real number"),
     "lr vector": (_talr_kw(learning_rate=jnp.ones(2)), "learning_rate must be a real number"),
     "lr schedule": (_talr_kw(learning_rate=lambda t: 0.1), "learning_rate must be a real number"),
-    "momentum 1": (_talr_kw(learning_rate=0.1, momentum=1.0), r"momentum must be in \[0, 1\)"),
-    "momentum nan": (_talr_kw(learning_rate=0.1, momentum=float("nan")),
-                     r"momentum must be in \[0, 1\)"),
+    "ema_momentum 1": (_talr_kw(learning_rate=0.1, ema_momentum=1.0), r"ema_momentum must be in \[0, 1\)"),
+    "ema_momentum nan": (_talr_kw(learning_rate=0.1, ema_momentum=float("nan")),
+                     r"ema_momentum must be in \[0, 1\)"),
     "rule": (_talr_kw(learning_rate=0.1, rule="exp"),
              r"rule must be one of \('multiplicative', 'additive'\)"),
     "granularity": (_talr_kw(learning_rate=0.1, granularity="layer"),
                     r"granularity must be one of \('per_tensor', 'global'\)"),
-    "rate without additive": (_talr_kw(learning_rate=0.1, rate=0.1),
-                              "rate is the step of the additive rule"),
-    "rate 0": (_talr_kw(learning_rate=0.1, rule="additive", rate=0.0),
-               r"rate must be in \(0, inf\)"),
+    "additive_step without additive": (_talr_kw(learning_rate=0.1, additive_step=0.1),
+                                       "additive_step is the step of the additive rule"),
+    "additive_step 0": (_talr_kw(learning_rate=0.1, rule="additive", additive_step=0.0),
+                        r"additive_step must be in \(0, inf\)"),
     "fallback negative": (_talr_kw(learning_rate=0.1, fallback_learning_rate=-0.1),
                           r"fallback_learning_rate must be in \(0, inf\)"),
     "sample_size 0": (_talr_kw(learning_rate=0.1, sample_size=0),
@@ -801,10 +801,10 @@ _BAD = {
     "params of another model in update": (
         lambda: (lambda tx: tx.update({"w": jnp.zeros(5)}, tx.init(_P), {"w": jnp.zeros(5)}))(
             talr.scale_by_talr(0.01, _LF, learning_rate=0.1)),
-        r"levels_fn changed which leaves are quantized, or their shapes, since init"
-        r" \(at 'w'\)"),
-    "track momentum": (lambda: talr.track_transitions(_LF, 0.01, momentum=1.5),
-                       r"momentum must be in \[0, 1\)"),
+        r"the state holds \(4,\) levels at 'w', whose param has shape \(5,\): levels_fn"
+        r" changed which leaves are quantized, or their shapes, since init"),
+    "track ema_momentum": (lambda: talr.track_transitions(_LF, 0.01, ema_momentum=1.5),
+                       r"ema_momentum must be in \[0, 1\)"),
     "track initial_rate": (lambda: talr.track_transitions(_LF, -1),
                            r"initial_rate must be in \[0, 1\]"),
     "track initial_rate schedule": (lambda: talr.track_transitions(_LF, lambda t: 2.0),
@@ -813,10 +813,6 @@ _BAD = {
                         "levels_fn must be a function"),
     "track sample_size": (lambda: talr.track_transitions(_LF, 0.01, sample_size=-1),
                           "sample_size must be an integer >= 1"),
-    "track levels=": (
-        lambda: (lambda m: m.update(_P, m.init(_P), _P, levels=_P))(
-            talr.track_transitions(_LF, 0.01)),
-        "track_transitions no longer takes levels="),
 }
 
 
@@ -832,5 +828,5 @@ def test_numpy_numbers_are_accepted_where_python_numbers_are():
                  ema_momentum=np.float32(0.5), sample_size=np.int64(2))
   state = tx.init(_P)
   np.testing.assert_allclose(state[-1].talr, [0.1])
-  monitor = talr.track_transitions(_LF, np.float64(0.01), momentum=np.float32(0.9))
+  monitor = talr.track_transitions(_LF, np.float64(0.01), ema_momentum=np.float32(0.9))
   np.testing.assert_allclose(monitor.init(_P).ema_transition_rate, [0.01])

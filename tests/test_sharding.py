@@ -161,3 +161,14 @@ def test_sharded_training_example():
   first = float(line.split("first")[1].split(",")[0])
   last = float(line.split("last")[1].split(";")[0])
   assert last < 0.8 * first
+
+
+@pytest.mark.parametrize("arm", ["sampled", "sampled_jit_init", "oscillations_jit_init",
+                                 "oscillations_sampled_jit_init"])
+def test_default_make_mesh_is_explicit_and_equals_one_device(report, arm):
+  r = report["explicit_default"]
+  assert r["axis_types"] == ["Explicit", "Explicit"]
+  r = r[arm]
+  assert r["moved"] > 0
+  assert r["integers_equal"]  # levels, directions, counts
+  assert r["max_abs_diff_floats"] <= 1e-6 and r["max_abs_diff_params"] <= 1e-5

@@ -48,7 +48,7 @@ def _run_against_reference(rule, granularity, layer_axes=None, steps=200, bits=2
   axes_tree = None if layer_axes is None else {f"t{i}": a for i, a in enumerate(layer_axes)}
   tx = talr.scale_by_talr(
       optax.cosine_decay_schedule(0.03, steps), _levels_fn(scales, bits),
-      learning_rate=lr, rule=rule, momentum=momentum, granularity=granularity,
+      learning_rate=lr, rule=rule, ema_momentum=momentum, granularity=granularity,
       layer_axes=axes_tree)
   ref = ReferenceTALR(scales, bits, target, lr, rule=rule, momentum=momentum,
                       global_rate=granularity == "global", layer_axes=layer_axes)
@@ -108,7 +108,7 @@ def test_first_two_updates_by_hand():
   params = {"w": jnp.array([0.1, 0.2, 0.3, 0.4])}
   lr, m, r0 = 0.5, 0.9, 0.1
   tx = talr.scale_by_talr(r0, talr.levels_fn_from_scales({"w": 1.0}, 2),
-                          learning_rate=lr, momentum=m)
+                          learning_rate=lr, ema_momentum=m)
   state = tx.init(params)
   np.testing.assert_array_equal(state.prev_levels["w"], [0, 0, 1, 1])
   np.testing.assert_allclose(state.ema_transition_rate, [r0])
@@ -138,7 +138,7 @@ def test_first_two_updates_by_hand():
 def test_additive_rule_by_hand_and_floor_at_zero():
   params = {"w": jnp.array([0.1, 0.2, 0.3, 0.4])}
   tx = talr.scale_by_talr(0.0, talr.levels_fn_from_scales({"w": 1.0}, 2),
-                          learning_rate=0.5, rule="additive", rate=10.0, momentum=0.5)
+                          learning_rate=0.5, rule="additive", additive_step=10.0, ema_momentum=0.5)
   state = tx.init(params)
   _, state = tx.update({"w": jnp.array([0.0, -0.2, 0.0, 0.0])}, state, params)
   # K_1 = 0.5 * 0 + 0.5 * 0.25; U_1 = max(0, 0.5 + 10 (0 - 0.125)) = 0.
@@ -196,8 +196,8 @@ def test_monitor_matches_talr_measurement_when_rates_agree():
   params, scales = _problem()
   levels_fn = _levels_fn(scales)
   target = 0.02
-  talr_tx = talr.scale_by_talr(target, levels_fn, learning_rate=0.05, momentum=0.9)
-  monitor = optax.chain(talr_tx, talr.track_transitions(levels_fn, target, momentum=0.9))
+  talr_tx = talr.scale_by_talr(target, levels_fn, learning_rate=0.05, ema_momentum=0.9)
+  monitor = optax.chain(talr_tx, talr.track_transitions(levels_fn, target, ema_momentum=0.9))
   p = _tree(params)
   state = monitor.init(p)
   rng = np.random.default_rng(3)
@@ -268,8 +268,6 @@ def test_misuse_is_a_clear_error():
   state = tx.init(p)
   with pytest.raises(ValueError, match="needs the params"):
     tx.update(p, state)
-  with pytest.raises(ValueError, match="no longer takes levels="):
-    tx.update(p, state, p, levels=p)
   with pytest.raises(ValueError, match="ScaleByTALRState"):
     tx.update(p, optax.sgd(0.1).init(p), p)
   monitor = talr.track_transitions(_levels_fn(scales), 0.01)
@@ -331,3 +329,101 @@ def test_layer_axes_prefix_and_callable():
   by_fn = talr.scale_by_talr(0.01, fn, learning_rate=0.1,
                              layer_axes=lambda q: {k: None for k in q}).init(p)
   assert by_fn.rate_names.names == ("t0", "t1", "t2")
+
+
+# ---------------------------------------------------------------------------
+# A state reused with another configuration names the setting that changed.
+
+
+def _stack(layers=4):
+  rng = np.random.default_rng(0)
+  return {"w": jnp.asarray(rng.normal(size=(layers, 16, 24)).astype(np.float32))}
+
+
+_STACK_LF = talr.levels_fn_from_scales({"w": 1.0}, 2)
+_MAKERS = {
+    "scale_by_talr": lambda **kw: talr.scale_by_talr(0.01, _STACK_LF, learning_rate=0.1, **kw),
+    "track_transitions": lambda **kw: talr.track_transitions(_STACK_LF, 0.01, **kw),
+    "track_oscillations": lambda **kw: talr.track_oscillations(_STACK_LF, **kw),
+    "sgdt": lambda **kw: talr.sgdt(0.1, 0.01, _STACK_LF, **kw),
+}
+
+
+@pytest.mark.parametrize("name", tuple(_MAKERS))
+@pytest.mark.parametrize("made, used, layers, match", [
+    ({"layer_axes": {"w": 0}}, {}, 4,
+     r"layer_axes differs at 'w': the state has 4 per-layer rates, this optimizer one rate"),
+    ({}, {"layer_axes": {"w": 0}}, 4,
+     r"layer_axes differs at 'w': the state has one rate, this optimizer 4 per-layer rates"),
+    ({"layer_axes": {"w": 0}}, {"layer_axes": {"w": 0}}, 6,
+     r"the number of layers of 'w' differs: 4 in the state, 6 here"),
+    ({}, {"sample_size": 64}, 4,
+     r"the state counts all \(4, 16, 24\) levels of 'w', this optimizer samples"
+     r" \(4, 2, 8\) of them: sample_size differs \(here sample_size=64\)"),
+    ({"sample_size": 64}, {"sample_size": 100}, 4,
+     r"the state holds levels of 'w' \(4, 16, 24\) sampled on a \(4, 2, 8\) grid, this"
+     r" optimizer counts \(4, 2, 12\): sample_size"
+     r" differs \(here sample_size=100\)"),
+], ids=["layer_axes dropped", "layer_axes added", "layers", "sampled", "resampled"])
+def test_state_of_another_configuration_names_the_setting(name, made, used, layers, match):
+  state = _MAKERS[name](**made).init(_stack(4))
+  params = _stack(layers)
+  tx = _MAKERS[name](**used)
+  owner = "scale_by_talr" if name == "sgdt" else name
+  with pytest.raises(ValueError, match=rf"{owner} got a state made with another"
+                                       rf" configuration: {match}"):
+    tx.update(params, state, params)
+  tx.update(params, tx.init(params), params)  # its own state works
+
+
+def test_global_state_in_a_per_tensor_optimizer_names_granularity():
+  p = _stack(4)
+  state = _MAKERS["scale_by_talr"](granularity="global").init(p)
+  with pytest.raises(ValueError, match="granularity differs"):
+    _MAKERS["scale_by_talr"]().update(p, state, p)
+
+
+def test_layer_axes_accepts_numpy_integers():
+  p = _stack(4)
+  for axis in (np.int64(0), np.int32(-3), np.uint8(0)):
+    state = _MAKERS["scale_by_talr"](layer_axes={"w": axis}).init(p)
+    assert state.rate_names.names == tuple(f"w[{i}]" for i in range(4))
+  with pytest.raises(ValueError, match=r"int axis or None per leaf, got .*0\.0"):
+    _MAKERS["scale_by_talr"](layer_axes={"w": np.float32(0)}).init(p)
+
+
+# ---------------------------------------------------------------------------
+# optax.inject_hyperparams with sample_size and layer_axes.
+
+
+def _injected(static_args, **kw):
+  return optax.inject_hyperparams(talr.sgdt, static_args=static_args)(
+      learning_rate=0.1, target_transition_rate=0.01, levels_fn=_STACK_LF, **kw)
+
+
+@pytest.mark.parametrize("kw, arg", [({"sample_size": 64}, "sample_size"),
+                                     ({"layer_axes": 0}, "layer_axes")])
+def test_inject_hyperparams_names_the_static_args_to_pass(kw, arg):
+  p = _stack(4)
+  with pytest.raises(ValueError, match=rf"pass static_args=\('{arg}',\)"):
+    _injected(("levels_fn",), **kw).init(p)
+  tx = _injected(("levels_fn", arg), **kw)
+  direct = talr.sgdt(0.1, 0.01, _STACK_LF, **kw)
+  s_inj, s_dir = tx.init(p), direct.init(p)
+  update = jax.jit(tx.update)
+  for _ in range(3):
+    g = jax.tree.map(lambda x: 0.3 * jnp.sign(x), p)
+    u_inj, s_inj = update(g, s_inj, p)
+    u_dir, s_dir = direct.update(g, s_dir, p)
+    np.testing.assert_allclose(u_inj["w"], u_dir["w"], rtol=1e-6)
+    p = optax.apply_updates(p, u_dir)
+  np.testing.assert_array_equal(s_inj.inner_state[-1].transition_rate,
+                                s_dir[-1].transition_rate)
+
+
+def test_inject_hyperparams_with_a_layer_axes_pytree_needs_nothing_static():
+  p = _stack(4)
+  tx = _injected(("levels_fn",), layer_axes={"w": 0})
+  state = tx.init(p)
+  assert state.inner_state[-1].rate_names.names == tuple(f"w[{i}]" for i in range(4))
+  tx.update(p, state, p)

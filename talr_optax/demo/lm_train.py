@@ -130,7 +130,7 @@ def optimizer(arm: Arm, model: nnx.Module, lr_scale: Any = 1.0,
     quantized = optax.chain(
         optax.scale_by_adam(), optax.add_decayed_weights(WEIGHT_DECAY),
         optax.scale_by_learning_rate(lambda count: lr_scale * lr(count)),
-        talr.track_transitions(levels_fn, arm.target(), momentum=arm.ema_momentum,
+        talr.track_transitions(levels_fn, arm.target(), ema_momentum=arm.ema_momentum,
                                layer_axes=axes, sample_size=arm.sample_size))
   quantized = optax.chain(quantized, talr.track_oscillations(
       levels_fn, layer_axes=axes, sample_size=arm.sample_size), *then)

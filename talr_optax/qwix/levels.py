@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from talr_optax import _checks
 from talr_optax import _tree
 from talr_optax.quantizers import LEVEL_DTYPE
 from talr_optax.qwix import _internals
@@ -217,6 +218,7 @@ class QwixLevelsFn:
     Raises:
       ValueError: as for ``__call__``.
     """
+    _checks.raise_if_step_count(params, "layer_axes")
     return self._map(params, lambda weight, w: weight.layer_axis)
 
   def _map(self, params: Any, fn: Callable[[QwixWeight, jax.Array], Any]) -> Any:
