@@ -198,10 +198,12 @@ def demo_trajectory(task_name: str, model_name: str, bits: int, seed: int,
   total = epochs * train.steps_per_epoch(cfg, dataset)
   r0, _ = optim.target(cfg, bits, total)
   levels_fn = tnnx.levels_fn_for(model)
+  # TALR's EMA momentum: the default for a run of this length.
+  momentum = talr.ema_momentum_for(total)
   # The monitor is the last stage: it counts, on every weight, the
   # transitions of exactly the updates TALR's sampled count saw.
   tx = optax.chain(optim.qat(cfg, model, "talr", bits, total),
-                   talr.track_transitions(levels_fn, r0, ema_momentum=EMA_MOMENTUM))
+                   talr.track_transitions(levels_fn, r0, ema_momentum=momentum))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   names = sorted(k.split("/", 1)[1] for k in talr.metrics(optimizer.opt_state)
                  if k.startswith("transition_rate/") and "#" not in k)
@@ -238,7 +240,7 @@ def demo_trajectory(task_name: str, model_name: str, bits: int, seed: int,
       names=names, shapes=[shapes[n] for n in names],
       counted=[counted_weights(shapes[n], sample_size) for n in names], r0=float(r0),
       k_sampled=k[:, 0], K_sampled=K[:, 0], k_exact=k[:, 1], K_exact=K[:, 1],
-      final_metric=train.evaluate(task, model, dataset.test),
+      final_metric=train.evaluate(task, model, dataset.test), momentum=momentum,
       changes=[np.stack(c) for c in changes] if record_changes else None)
 
 

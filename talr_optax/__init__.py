@@ -28,7 +28,7 @@ from talr_optax.quantizers import (
     weight_centers,
     weight_levels,
 )
-from talr_optax.schedules import cosine_target, initial_target
+from talr_optax.schedules import TargetSchedule, cosine_target, ema_momentum_for, initial_target
 from talr_optax.transform import (
     RateNames,
     ScaleByTALRState,
@@ -45,6 +45,7 @@ __all__ = [
     "RateNames",
     "ScaleByTALRState",
     "TrackOscillationsState",
+    "TargetSchedule",
     "TrackTransitionsState",
     "activation_levels",
     "adamt",
@@ -56,6 +57,7 @@ __all__ = [
     "dampen_oscillations",
     "delayed_cosine_schedule",
     "distance_to_transition",
+    "ema_momentum_for",
     "fake_quant_activation",
     "fake_quant_weight",
     "freeze_oscillations",

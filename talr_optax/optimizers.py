@@ -117,7 +117,7 @@ def sgdt(
     nesterov: bool = False,
     weight_decay: Optional[float] = None,
     weight_decay_mask: Optional[Any] = None,
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
     additive_step: Optional[float] = None,
@@ -143,7 +143,9 @@ def sgdt(
     weight_decay: coupled L2 coefficient (>= 0); ``None`` drops the stage.
     weight_decay_mask: mask (pytree or callable) of the leaves to decay.
     ema_momentum: EMA momentum of the transition rate ``K``, in ``[0, 1)``
-      (``momentum`` is SGD's).
+      (``momentum`` is SGD's); ``None``: :func:`talr_optax.ema_momentum_for`
+      of the target's length when the target is a
+      :func:`talr_optax.cosine_target`, else 0.99.
     rule: ``"multiplicative"`` or ``"additive"``.
     granularity: ``"per_tensor"`` or ``"global"``.
     additive_step: additive rule only: step of ``U`` per unit of ``R - K``
@@ -194,7 +196,7 @@ def adamt(
     eps: float = 1e-8,
     weight_decay: Optional[float] = None,
     weight_decay_mask: Optional[Any] = None,
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
     additive_step: Optional[float] = None,
@@ -230,7 +232,7 @@ def adamwt(
     eps: float = 1e-8,
     weight_decay: Optional[float] = 1e-4,
     weight_decay_mask: Optional[Any] = None,
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     rule: str = "multiplicative",
     granularity: str = "per_tensor",
     additive_step: Optional[float] = None,

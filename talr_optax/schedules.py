@@ -8,13 +8,82 @@ its sweep; a final target above 0 hurt). Any Optax schedule (step -> rate in
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, Callable, Optional
 
 import optax
 
 from talr_optax import _checks
 
-__all__ = ["initial_target", "cosine_target"]
+__all__ = ["initial_target", "cosine_target", "TargetSchedule", "ema_momentum_for",
+           "DEFAULT_EMA_MOMENTUM"]
+
+# The paper's EMA momentum: K averages over about 100 steps.
+DEFAULT_EMA_MOMENTUM = 0.99
+# The rule's horizon 1 / (1 - m) is this fraction of the run, between 10 steps (the count of
+# one step is noisy: K must average several) and the paper's 100.
+_HORIZON_FRACTION = 1 / 50
+_MIN_HORIZON, _MAX_HORIZON = 10.0, 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSchedule:
+  """A target schedule that knows the length of the run it was built for.
+
+  Called like any Optax schedule (``step -> rate``). ``scale_by_talr`` and the
+  ready optimizers read ``total_steps`` to pick the EMA momentum when
+  ``ema_momentum=None`` (see :func:`ema_momentum_for`).
+
+  Attributes:
+    schedule: the schedule itself.
+    total_steps: the number of steps of the run.
+  """
+
+  schedule: Callable[[Any], Any]
+  total_steps: int
+
+  def __call__(self, count: Any) -> Any:
+    return self.schedule(count)
+
+
+def ema_momentum_for(total_steps: int) -> float:
+  """The EMA momentum of ``K`` for a run of ``total_steps`` steps.
+
+  ``m = 1 - 1/h`` with the horizon ``h = T / 50`` clipped to ``[10, 100]``:
+  ``K`` averages over 2 % of the run, over the paper's 100 steps (``m =
+  0.99``) in runs of 5000 steps and more, and over at least 10 steps (``m =
+  0.9``) in runs of 500 steps and fewer. A longer horizon lags the falling
+  cosine target in a short run (``U`` changes by at most 1 % per step); a
+  shorter one follows the noise of the per-step count.
+
+  Args:
+    total_steps: ``T``, the run's length (an int > 0).
+
+  Returns:
+    ``m`` in ``[0.9, 0.99]``: 0.95 for ``T = 1000``, 0.99 for ``T >= 5000``.
+  """
+  total_steps = _checks.check_int("total_steps", total_steps, 1)
+  horizon = min(_MAX_HORIZON, max(_MIN_HORIZON, total_steps * _HORIZON_FRACTION))
+  return 1.0 - 1.0 / horizon
+
+
+def resolve_ema_momentum(ema_momentum: Optional[float], target: Any) -> float:
+  """``ema_momentum``, or for ``None`` the rule for the target's length (0.99 if unknown).
+
+  Args:
+    ema_momentum: a momentum in ``[0, 1)`` or ``None``.
+    target: the target transition rate (a :class:`TargetSchedule` knows its
+      length; a float or another schedule does not).
+
+  Returns:
+    The momentum to use (not validated here when given).
+  """
+  if ema_momentum is not None:
+    return ema_momentum
+  if isinstance(target, TargetSchedule):
+    return ema_momentum_for(target.total_steps)
+  return DEFAULT_EMA_MOMENTUM
 
 
 def initial_target(bits: int, lam: float = 5e-3) -> float:
@@ -36,7 +105,7 @@ def initial_target(bits: int, lam: float = 5e-3) -> float:
 
 
 def cosine_target(init_rate: float, total_steps: int, final_rate: float = 0.0
-                  ) -> optax.Schedule:
+                  ) -> TargetSchedule:
   """Cosine decay of the target from ``init_rate`` to ``final_rate``.
 
   ``R_t = final + 0.5 * (init - final) * (1 + cos(pi * t / T))`` for
@@ -48,11 +117,11 @@ def cosine_target(init_rate: float, total_steps: int, final_rate: float = 0.0
     final_rate: the rate reached at ``T``, in ``[0, init_rate]``.
 
   Returns:
-    An ``optax.Schedule``.
+    A :class:`TargetSchedule` (an Optax schedule that records ``total_steps``).
   """
   _checks.check_number("init_rate", init_rate, 0.0, 1.0, low_open=True)
   total_steps = _checks.check_int("total_steps", total_steps, 1)
   _checks.check_number("final_rate", final_rate, 0.0, float(init_rate))
-  return optax.cosine_decay_schedule(
+  return TargetSchedule(optax.cosine_decay_schedule(
       init_value=float(init_rate), decay_steps=total_steps,
-      alpha=float(final_rate) / float(init_rate))
+      alpha=float(final_rate) / float(init_rate)), total_steps)

@@ -30,6 +30,7 @@ from talr_optax import _checks
 from talr_optax import _layout
 from talr_optax import _tree
 from talr_optax import counting
+from talr_optax import schedules
 from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
 
 __all__ = [
@@ -144,7 +145,7 @@ def scale_by_talr(
     *,
     learning_rate: float,
     rule: str = "multiplicative",
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     additive_step: Optional[float] = None,
     granularity: str = "per_tensor",
     fallback_learning_rate: Optional[optax.ScalarOrSchedule] = None,
@@ -194,6 +195,8 @@ def scale_by_talr(
     ema_momentum: momentum ``m`` of the exponential moving average ``K`` of the
       transition rate, in ``[0, 1)``; also the smoothing of ``c`` in the
       multiplicative rule. ``K`` reflects about the last ``1 / (1 - m)`` updates.
+      ``None``: :func:`talr_optax.ema_momentum_for` of the target's length if
+      it knows it (:func:`talr_optax.cosine_target` does), else 0.99.
     additive_step: additive rule only: the step ``eta`` by which ``U`` moves per
       unit of ``R - K`` (> 0); ``None`` means ``learning_rate``.
     granularity: ``"per_tensor"`` (one ``U`` per quantized tensor, as in the
@@ -219,6 +222,7 @@ def scale_by_talr(
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
     Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
   """
+  ema_momentum = schedules.resolve_ema_momentum(ema_momentum, target_transition_rate)
   _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, ema_momentum,
                         additive_step, granularity, fallback_learning_rate, layer_axes,
                         sample_size)
@@ -358,7 +362,7 @@ def track_transitions(
     levels_fn: LevelsFn,
     initial_rate: ScalarOrSchedule,
     *,
-    ema_momentum: float = 0.99,
+    ema_momentum: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -375,7 +379,8 @@ def track_transitions(
     initial_rate: ``K_0`` in ``[0, 1]``, a float or a schedule whose value at
       step 0 is used. Pass the target given to :func:`scale_by_talr` so both
       ``K`` start at ``R(0)``.
-    ema_momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``.
+    ema_momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``; ``None``: as in
+      :func:`scale_by_talr`, from ``initial_rate``.
     layer_axes: as in :func:`scale_by_talr`.
     sample_size: as in :func:`scale_by_talr`.
 
@@ -384,6 +389,7 @@ def track_transitions(
     :class:`TrackTransitionsState`.
   """
   _check_target(initial_rate, "initial_rate")
+  ema_momentum = schedules.resolve_ema_momentum(ema_momentum, initial_rate)
   _check_common(levels_fn, ema_momentum, sample_size)
   k0 = _as_schedule(initial_rate)(jnp.asarray(0, jnp.int32))
   measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)

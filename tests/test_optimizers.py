@@ -393,3 +393,40 @@ def test_bad_args(factory, kwargs, name):
   # nor 'momentum' by 'ema_momentum'.
   with pytest.raises(ValueError, match=rf"(?<!\w){re.escape(name)}(?!\w)"):
     factory(**args)
+
+
+def _k_after(tx, n=4):
+  """The EMA K of the last stage that holds one, after ``n`` updates of a 2-bit problem."""
+  params = {"w": jnp.linspace(-0.3, 0.3, 64).reshape(8, 8)}
+  state = tx.init(params)
+  for i in range(n):
+    grads = {"w": jnp.sin(jnp.arange(64.0) + i).reshape(8, 8)}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return np.asarray(optax.tree.get(state, "ema_transition_rate"))
+
+
+@pytest.mark.parametrize("factory", [talr_optax.sgdt, talr_optax.adamt, talr_optax.adamwt])
+def test_default_ema_momentum_follows_the_targets_length(factory):
+  levels_fn = talr_optax.levels_fn_from_scales({"w": 0.1}, 2)
+  for steps, m in ((1000, 0.95), (4000, 0.9875), (20_000, 0.99)):
+    target = talr_optax.cosine_target(0.05, steps)
+    got = _k_after(factory(0.05, target, levels_fn))
+    np.testing.assert_array_equal(got, _k_after(factory(0.05, target, levels_fn,
+                                                        ema_momentum=m)))
+  # A float target does not know the run's length: 0.99.
+  np.testing.assert_array_equal(_k_after(factory(0.05, 0.05, levels_fn)),
+                                _k_after(factory(0.05, 0.05, levels_fn, ema_momentum=0.99)))
+  # The default differs from 0.99 where it should (the test can fail).
+  target = talr_optax.cosine_target(0.05, 1000)
+  assert not np.array_equal(_k_after(factory(0.05, target, levels_fn)),
+                            _k_after(factory(0.05, target, levels_fn, ema_momentum=0.99)))
+
+
+def test_track_transitions_default_momentum_follows_the_targets_length():
+  levels_fn = talr_optax.levels_fn_from_scales({"w": 0.1}, 2)
+  target = talr_optax.cosine_target(0.05, 1000)
+  chain = lambda **kw: optax.chain(optax.sgd(0.05), talr_optax.track_transitions(
+      levels_fn, target, **kw))
+  np.testing.assert_array_equal(_k_after(chain()), _k_after(chain(ema_momentum=0.95)))
+  assert not np.array_equal(_k_after(chain()), _k_after(chain(ema_momentum=0.99)))

@@ -111,3 +111,28 @@ def test_numpy_scalars_accepted():
   sched = schedules.cosine_target(np.float32(0.02), np.int64(T), final_rate=np.float64(0.0))
   for t in (0, 50, 100):
     np.testing.assert_allclose(float(sched(t)), _closed_form(t, 0.02, T), rtol=2e-6, atol=1e-10)
+
+
+# The EMA momentum rule: m = 1 - 1/h, h = T / 50 clipped to [10, 100]; written out by hand.
+@pytest.mark.parametrize("steps, want", [
+    (1, 0.9), (100, 0.9), (500, 0.9), (600, 1 - 1 / 12), (1000, 0.95),
+    (2000, 0.975), (4000, 0.9875), (5000, 0.99), (450_000, 0.99)])
+def test_ema_momentum_for(steps, want):
+  assert schedules.ema_momentum_for(steps) == pytest.approx(want, abs=1e-12)
+  assert isinstance(schedules.ema_momentum_for(steps), float)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 10.0, True, "1000", None], ids=repr)
+def test_ema_momentum_for_bad_steps(steps):
+  with pytest.raises(ValueError, match="total_steps"):
+    schedules.ema_momentum_for(steps)
+
+
+def test_cosine_target_records_its_length():
+  sched = schedules.cosine_target(0.01, 1234)
+  assert isinstance(sched, schedules.TargetSchedule) and sched.total_steps == 1234
+  assert schedules.resolve_ema_momentum(None, sched) == pytest.approx(1 - 1 / (1234 / 50))
+  # Given values win; a float target or a plain schedule has no length: the paper's 0.99.
+  assert schedules.resolve_ema_momentum(0.9, sched) == 0.9
+  assert schedules.resolve_ema_momentum(None, 0.01) == 0.99
+  assert schedules.resolve_ema_momentum(None, lambda count: 0.01) == 0.99

@@ -50,7 +50,8 @@ def _quantized_group(cfg: DemoConfig, method: str, levels_fn: Callable[[Any], An
   # counts the transitions they cause. K starts at R_0, as TALR's does.
   return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), _base(cfg, MOMENTUM),
                      optax.scale_by_learning_rate(lr),
-                     talr.track_transitions(levels_fn, initial_rate=r0,
+                     # The target (not R_0 alone): K then has TALR's EMA momentum.
+                     talr.track_transitions(levels_fn, initial_rate=target_rate,
                                             sample_size=cfg.sample_size))
 
 
