@@ -51,12 +51,9 @@ from __future__ import annotations
 
 import os
 
-# Before JAX is imported: oneDNN, which XLA:CPU calls for matrix products,
-# picks its kernels for the CPU it runs on; capping it at AVX2 makes the
-# numbers the same on every x86 CPU with AVX2 (recorded in ``machine``).
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
-
-# pylint: disable=wrong-import-position
+# The kernels of XLA:CPU's matrix products depend on the CPU, and capping
+# oneDNN's instruction set does not make two CPUs agree (docs/reproducibility.md):
+# the study runs with the defaults and records the environment in ``machine``.
 import argparse
 import dataclasses
 import functools
@@ -551,10 +548,23 @@ def model_facts(cfg: StudyConfig) -> dict[str, Any]:
                                           if l == tnnx.QUANTIZED))}
 
 
+# The instruction-set extensions that decide which matrix-product kernels run.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+
+
+def _cpu_isa() -> list[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return []
+  return [name for name in _ISA_FLAGS if name in flags]
+
+
 def machine() -> dict[str, Any]:
-  """CPU, core count, versions, XLA flags and the oneDNN ISA cap in effect."""
+  """CPU and its ISA extensions, core count, versions, XLA flags, a oneDNN ISA cap if set."""
   import flax  # pylint: disable=import-outside-toplevel
-  return _harness.meta(sys.argv[1:], flax=flax.__version__,
+  return _harness.meta(sys.argv[1:], flax=flax.__version__, cpu_isa=_cpu_isa(),
                        onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA"),
                        load_average=_harness.loadavg())
 

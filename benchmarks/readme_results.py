@@ -61,8 +61,11 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
       f"{n_seeds} other seeds. Validation bits per byte (mean ± std over seeds); "
       "the paired difference to the best baseline with its 95 % t-interval decides the "
       "conclusion. The full-precision reference is trained as long as pretraining plus QAT. "
-      f"{results['seconds'] / 60:.0f} minutes on {machine['cpu_count']} cores "
-      f"({machine['cpu_model']}, oneDNN ISA {machine.get('onednn_max_cpu_isa')}"
+      f"{results['seconds'] / 60:.1f} minutes on {machine['cpu_count']} cores "
+      f"({machine['cpu_model']}"
+      + (f", {'/'.join(machine['cpu_isa'])}" if machine.get("cpu_isa") else "")
+      + (f", ONEDNN_MAX_CPU_ISA={machine['onednn_max_cpu_isa']}"
+         if machine.get("onednn_max_cpu_isa") else "")
       + (f", 1-minute load {load[0]:.1f} at the start" if load else "") + ").",
       "",
       "| bits | arm | tuned | bits per byte | vs best baseline (95 % CI) | conclusion | "

@@ -88,7 +88,7 @@ def test_quick_run_schema_statistics_and_identical_rerun(tmp_path):
   assert json.loads(json.dumps(_numbers(first))) == _numbers(saved)
   _check_schema(saved)
   _check_statistics(saved)
-  assert saved["machine"]["onednn_max_cpu_isa"] == os.environ["ONEDNN_MAX_CPU_ISA"]
+  assert saved["machine"]["onednn_max_cpu_isa"] == os.environ.get("ONEDNN_MAX_CPU_ISA")
   for name in saved["figures"]:
     assert (tmp_path / "a" / name).stat().st_size > 0
   second = qat_study.main(["--quick", "--out", str(tmp_path / "b")])
