@@ -159,7 +159,7 @@ class StudyConfig:
   seeds: int = 5
   steps: int = 2000
   fp_steps: int = 4000
-  width: int = 96
+  width: int = 80
   layers: int = 2
   heads: int = 2
   context: int = 64
@@ -642,7 +642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   ap.add_argument("--arms", default=None, help="comma-separated arms (default all)")
   ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds (default 5)")
   ap.add_argument("--width", type=int, default=None,
-                  help="model width (default 96; heads: 2, so it must be even)")
+                  help="model width (default 80; heads: 2, so it must be even)")
   args = ap.parse_args(argv)
   values = dict(QUICK) if args.quick else {}
   if args.arms:
