@@ -83,15 +83,25 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
         f"{_num(r['tracking_error'], '.3f')} | {_num(r['late_oscillation'], '.1e')} | "
         f"{_num(r['frozen_fraction'], '.3f')} |")
   lines.append("")
-  for r in rows:
-    if r["arm"].startswith("adamwt") and r["conclusion"] is not None:
-      low, high = r["paired_diff_ci95"]
-      verdict = {"better": "wins against", "worse": "loses to"}.get(
-          r["conclusion"], "shows no detectable difference from")
-      lines.append(f"- {_bits(r)}: {r['label']} {verdict} {label[r['best_baseline']]} "
-                   f"({r['paired_diff_vs_best_baseline']:+.4f} bits/byte, 95 % CI "
-                   f"[{low:+.4f}, {high:+.4f}], lower on {r['better_on_seeds']} of "
-                   f"{len(r['seeds'])} seeds).")
+  talr_rows = [r for r in rows if r["arm"].startswith("adamwt") and r["conclusion"] is not None]
+  # Losses first, then ties, then wins: where TALR loses is what a reader needs first.
+  order = {"worse": 0, "no detectable difference": 1, "better": 2}
+  talr_rows.sort(key=lambda r: (order.get(r["conclusion"], 1), r["bits"], r["arm"]))
+  counts = {c: sum(r["conclusion"] == c for r in talr_rows) for c in order}
+  if talr_rows:
+    lines.append(f"TALR's arms against the best baseline of their bit width: worse in "
+                 f"{counts['worse']}, no detectable difference in "
+                 f"{counts['no detectable difference']}, better in {counts['better']} of "
+                 f"{len(talr_rows)} comparisons.")
+    lines.append("")
+  for r in talr_rows:
+    low, high = r["paired_diff_ci95"]
+    verdict = {"better": "wins against", "worse": "loses to"}.get(
+        r["conclusion"], "shows no detectable difference from")
+    lines.append(f"- {_bits(r)}: {r['label']} {verdict} {label[r['best_baseline']]} "
+                 f"({r['paired_diff_vs_best_baseline']:+.4f} bits/byte, 95 % CI "
+                 f"[{low:+.4f}, {high:+.4f}], lower on {r['better_on_seeds']} of "
+                 f"{len(r['seeds'])} seeds).")
   return "\n".join(lines).rstrip()
 
 
@@ -127,10 +137,99 @@ def render_ema_momentum(results: dict[str, Any], source: str) -> str:
   return "\n".join(lines)
 
 
+def _machine(meta: dict[str, Any]) -> str:
+  return f"{meta['cpu_model']}, {meta['cpu_count']} cores, jax {meta['jax']}"
+
+
+def _ratio(row: dict[str, Any]) -> str:
+  return f"{row['ratio']:.3f}x [{row['ratio_q1']:.2f}-{row['ratio_q3']:.2f}]"
+
+
+def render_train_step(results: dict[str, Any], source: str) -> str:
+  """One sentence: the whole training step with SGDT against SGD, per model and style.
+
+  Args:
+    results: a ``benchmarks/train_step.py`` results file.
+    source: its path as the README should name it.
+
+  Returns:
+    Markdown (no trailing newline).
+  """
+  rows = {(r["model"], r["style"]): r for r in results["rows"] if r["variant"] == "sgdt"}
+  names = {"cnn": "SmallCNN W2A2", "resnet20": "ResNet-20 W2A2"}
+  parts = []
+  for model in dict.fromkeys(m for m, _ in rows):
+    nnx_row, fn_row = rows[(model, "nnx")], rows.get((model, "functional"))
+    parts.append(f"{_ratio(nnx_row)} ({names.get(model, model)}, batch {nnx_row['batch']}"
+                 + (f"; written functionally {_ratio(fn_row)}" if fn_row else "") + ")")
+  return (f"From `{source}` ({_machine(results['meta'])}; median ratio over "
+          f"{results['meta']['repeats']} interleaved rounds after warm-up, in brackets the "
+          "quartiles of the paired per-round ratios; the times depend on the machine): a "
+          "whole training step in the README's NNX loop costs, with SGDT against SGD, "
+          + " and ".join(parts) + ".")
+
+
+def render_optimizer_step(results: dict[str, Any], source: str) -> str:
+  """One sentence: the optimizer step alone, exact and sampled counting, against plain Optax.
+
+  Args:
+    results: a ``benchmarks/optimizer_step.py`` results file.
+    source: its path as the README should name it.
+
+  Returns:
+    Markdown (no trailing newline).
+  """
+  rows = results["rows"]
+  exact = [r for r in rows if r["variant"] in ("sgdt", "adamt")]
+  sampled = [r for r in rows if r["variant"].endswith("_sampled")]
+  big = [r for r in sampled if r["n_weights"] >= 10_000_000]
+  span = lambda sel: f"{min(r['ratio'] for r in sel):.2f}-{max(r['ratio'] for r in sel):.2f}x"
+  millions = lambda sel: (f"{min(r['n_weights'] for r in sel) / 1e6:.0f}M-"
+                          f"{max(r['n_weights'] for r in sel) / 1e6:.0f}M weights")
+  return (f"From `{source}` ({_machine(results['meta'])}; ten conv-shaped tensors, all "
+          f"{results['meta']['bits']}-bit; SGDT against SGD and AdamT against Adam): the "
+          f"optimizer step alone costs {span(exact)} with exact counting ({millions(exact)}; "
+          "on XLA:CPU the int8 levels and their count are extra passes) and "
+          f"{span(big)} with `sample_size={results['meta']['sample_size']}` at "
+          f"{millions(big)}.")
+
+
+def render_state_bytes(results: dict[str, Any], source: str) -> str:
+  """The optimizer-state bill of the Llama-2-7B-shaped tree (float32, unstacked).
+
+  Args:
+    results: a ``benchmarks/state_bytes.py`` results file.
+    source: its path as the README should name it.
+
+  Returns:
+    Markdown (no trailing newline).
+  """
+  rows = [r for r in results["rows"] if r["setting"] == "llama7b unstacked float32"]
+  names = {"adam": "Adam", "adamt": "AdamT, exact counting",
+           "adamt_sampled": "AdamT, `sample_size=65536`"}
+  first = rows[0]
+  lines = [
+      f"From `{source}` (computed with `jax.eval_shape`, the same on any machine): a "
+      f"Llama-2-7B-shaped model, {first['n_params'] / 1e9:.2f}B float32 parameters, every "
+      f"attention and MLP kernel quantized ({first['n_quantized'] / 1e9:.2f}B weights).",
+      "",
+      "| optimizer | optimizer state | bytes per weight | extra per quantized weight |",
+      "|---|---|---|---|",
+  ]
+  for r in rows:
+    extra = "" if r["variant"] == r["baseline"] else f"{r['extra_bytes_per_quantized_weight']:.3f} B"
+    lines.append(f"| {names.get(r['variant'], r['variant'])} | {r['state_bytes'] / 1e9:.2f} GB | "
+                 f"{r['state_bytes_per_weight']:.3f} | {extra} |")
+  return "\n".join(lines)
+
+
 # name -> (default results file relative to the repository root, renderer)
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any], str], str]]] = {
     "qat_study": ("benchmarks/results/qat_study/results.json", render_qat_study),
     "ema_momentum": ("benchmarks/results/ema_momentum.json", render_ema_momentum),
+    "train_step": ("benchmarks/results/train_step.json", render_train_step),
+    "optimizer_step": ("benchmarks/results/optimizer_step.json", render_optimizer_step),
+    "state_bytes": ("benchmarks/results/state_bytes.json", render_state_bytes),
 }
 
 
