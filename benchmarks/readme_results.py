@@ -37,15 +37,7 @@ def _bits(row: dict[str, Any]) -> str:
 
 
 def render_qat_study(results: dict[str, Any], source: str) -> str:
-  """The study's table, its caption and one sentence per TALR arm and bit width.
-
-  Args:
-    results: a ``benchmarks/qat_study.py`` results file.
-    source: its path as the README should name it.
-
-  Returns:
-    Markdown (no trailing newline).
-  """
+  """``qat_study.py``: the table, its caption, and a sentence per TALR arm and bit width."""
   cfg, model, machine = results["config"], results["model"], results["machine"]
   rows = results["summary"]
   label = {r["arm"]: r["label"] for r in rows}
@@ -106,15 +98,7 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
 
 
 def render_ema_momentum(results: dict[str, Any], source: str) -> str:
-  """The EMA momentum rule against fixed values, per run length.
-
-  Args:
-    results: a ``benchmarks/ema_momentum.py`` results file.
-    source: its path as the README should name it.
-
-  Returns:
-    Markdown (no trailing newline).
-  """
+  """``ema_momentum.py``: the EMA momentum rule against fixed values, per run length."""
   lines = [
       f"From `{source}`: AdamWT W{results['bits']} on the demo's language model, "
       f"{results['seeds']} seeds; the rule's paired difference to each fixed value "
@@ -146,15 +130,7 @@ def _ratio(row: dict[str, Any]) -> str:
 
 
 def render_train_step(results: dict[str, Any], source: str) -> str:
-  """One sentence: the whole training step with SGDT against SGD, per model and style.
-
-  Args:
-    results: a ``benchmarks/train_step.py`` results file.
-    source: its path as the README should name it.
-
-  Returns:
-    Markdown (no trailing newline).
-  """
+  """``train_step.py``: a sentence on the whole step, SGDT against SGD, per model and style."""
   rows = {(r["model"], r["style"]): r for r in results["rows"] if r["variant"] == "sgdt"}
   names = {"cnn": "SmallCNN W2A2", "resnet20": "ResNet-20 W2A2"}
   parts = []
@@ -170,15 +146,7 @@ def render_train_step(results: dict[str, Any], source: str) -> str:
 
 
 def render_optimizer_step(results: dict[str, Any], source: str) -> str:
-  """One sentence: the optimizer step alone, exact and sampled counting, against plain Optax.
-
-  Args:
-    results: a ``benchmarks/optimizer_step.py`` results file.
-    source: its path as the README should name it.
-
-  Returns:
-    Markdown (no trailing newline).
-  """
+  """``optimizer_step.py``: a sentence on the optimizer step alone, exact and sampled."""
   rows = results["rows"]
   exact = [r for r in rows if r["variant"] in ("sgdt", "adamt")]
   sampled = [r for r in rows if r["variant"].endswith("_sampled")]
@@ -195,15 +163,7 @@ def render_optimizer_step(results: dict[str, Any], source: str) -> str:
 
 
 def render_state_bytes(results: dict[str, Any], source: str) -> str:
-  """The optimizer-state bill of the Llama-2-7B-shaped tree (float32, unstacked).
-
-  Args:
-    results: a ``benchmarks/state_bytes.py`` results file.
-    source: its path as the README should name it.
-
-  Returns:
-    Markdown (no trailing newline).
-  """
+  """``state_bytes.py``: the optimizer-state bill of the Llama-2-7B-shaped tree (float32)."""
   rows = [r for r in results["rows"] if r["setting"] == "llama7b unstacked float32"]
   names = {"adam": "Adam", "adamt": "AdamT, exact counting",
            "adamt_sampled": "AdamT, `sample_size=65536`"}
@@ -223,13 +183,38 @@ def render_state_bytes(results: dict[str, Any], source: str) -> str:
   return "\n".join(lines)
 
 
-# name -> (default results file relative to the repository root, renderer)
+def render_bn_reestimation(results: dict[str, Any], source: str) -> str:
+  """``bn_reestimation.py``: each method before and after, and SGDT minus SGD."""
+  cfg, meta = results["config"], results["meta"]
+  seeds = len({r["seed"] for r in results["runs"]})
+  lines = [
+      f"From `{source}`: MobileNetV2Tiny W{cfg['bits'][0]}A{cfg['bits'][0]} on digits, "
+      f"{cfg['fp_epochs']} pretraining epochs (seed 0), {cfg['epochs']} QAT epochs, "
+      f"{seeds} seeds, re-estimation over {results['bn_batches']} training batches; test "
+      "accuracy (%), paired differences in percentage points with their 95 % t-interval. "
+      f"{results['seconds'] / 60:.1f} minutes on {meta['cpu_count']} cores ({meta['cpu_model']}).",
+      "",
+      "| comparison | as trained | re-estimated | paired difference (95 % CI) | conclusion |",
+      "|---|---|---|---|---|",
+  ]
+  for r in results["summary"]:
+    low, high = r["ci95"]
+    lines.append(f"| {r['comparison']} | {_num(r.get('mean_before'), '.2f')} | "
+                 f"{_num(r.get('mean_after'), '.2f')} | {r['mean']:+.2f} [{low:+.2f}, {high:+.2f}] "
+                 f"(higher on {r['higher_on']} of {seeds}) | {r['conclusion']} |")
+  return "\n".join(lines)
+
+
+# name -> (default results file relative to the repository root, renderer). A renderer
+# takes the loaded results and the path the page should name, and returns Markdown
+# without a trailing newline.
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any], str], str]]] = {
     "qat_study": ("benchmarks/results/qat_study/results.json", render_qat_study),
     "ema_momentum": ("benchmarks/results/ema_momentum.json", render_ema_momentum),
     "train_step": ("benchmarks/results/train_step.json", render_train_step),
     "optimizer_step": ("benchmarks/results/optimizer_step.json", render_optimizer_step),
     "state_bytes": ("benchmarks/results/state_bytes.json", render_state_bytes),
+    "bn_reestimation": ("benchmarks/results/bn_reestimation.json", render_bn_reestimation),
 }
 
 
