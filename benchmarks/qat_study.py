@@ -33,7 +33,8 @@ to it is the cost of quantization, not of shorter training.
 Each summary row of ``results.json`` holds, per (task, bits, arm), the mean
 and std over the evaluation seeds, the paired difference to the best
 baseline (the non-TALR arm with the lowest mean) with its 95 % t-interval
-and the conclusion drawn from that interval only, the tracking error
+and the conclusion drawn from that interval only, the same against plain
+AdamW (``*_vs_adamw``, the optimizer the others add to), the tracking error
 ``|K - R| / R_0`` (baselines: their own ``K`` against the default target),
 the late oscillation frequency, the final frozen fraction and the tuned
 value.
@@ -42,6 +43,8 @@ Usage (from the repository root)::
 
   python benchmarks/qat_study.py            # the full study (W2, W3; 5 seeds)
   python benchmarks/qat_study.py --quick    # a small model, short runs: a smoke run
+  python benchmarks/qat_study.py --from-results benchmarks/results/qat_study/results.json
+                                            # summary and figures again, from the runs
 
 Writes ``results.json`` (``quick.json`` with ``--quick``) and the figures to
 ``--out`` (default ``benchmarks/results/qat_study``).
@@ -57,6 +60,7 @@ import os
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import sys
 import time
@@ -472,30 +476,45 @@ def _row(runs: list[dict[str, Any]], arm: ArmSpec, bits: Optional[int], tuned: f
   }
 
 
+def _paired(runs: list[dict[str, Any]], bits: int, arm: str, ref: str) -> dict[str, Any]:
+  """``arm`` minus ``ref`` at ``bits``, seed by seed: the interval and its conclusion."""
+  finals = lambda name: {r["seed"]: r["final"] for r in runs
+                         if r["bits"] == bits and r["arm"] == name}
+  mine, theirs = finals(arm), finals(ref)
+  interval = _stats.paired_interval([mine[s] - theirs[s] for s in sorted(mine) if s in theirs])
+  return {"mean": interval["mean"], "ci": interval["ci"],
+          "conclusion": _stats.conclusion(interval["ci"]), "lower_on": interval["lower_on"]}
+
+
 def summarize(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Fills each QAT row's paired difference to the best baseline of its bit width.
+  """Fills each QAT row's paired differences to the best baseline and to plain AdamW.
 
   The best baseline is the non-TALR arm with the lowest mean. Its own row
-  compares with the next best baseline, so every row has an interval.
+  compares with the next best baseline, so every row has an interval. Every
+  QAT row but AdamW's own also compares with plain AdamW (``*_vs_adamw``),
+  the optimizer the remedies and TALR are added to.
   """
+  for row in rows:
+    row.update(dict.fromkeys(("paired_diff_vs_adamw", "paired_diff_vs_adamw_ci95",
+                              "conclusion_vs_adamw", "better_than_adamw_on_seeds")))
   for bits in sorted({r["bits"] for r in rows if r["bits"] is not None}):
     width = [r for r in rows if r["bits"] == bits]
     baselines = sorted((r for r in width if r["arm"] in BASELINES), key=lambda r: r["mean"])
     if not baselines:
       continue
+    has_adamw = any(r["arm"] == "adamw" for r in width)
     for row in width:
       ref = baselines[0] if row is not baselines[0] else (
           baselines[1] if len(baselines) > 1 else None)
-      if ref is None:
-        continue
-      mine = {r["seed"]: r["final"] for r in runs if r["bits"] == bits and r["arm"] == row["arm"]}
-      theirs = {r["seed"]: r["final"] for r in runs if r["bits"] == bits
-                and r["arm"] == ref["arm"]}
-      diffs = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
-      interval = _stats.paired_interval(diffs)
-      row.update(best_baseline=ref["arm"], paired_diff_vs_best_baseline=interval["mean"],
-                 paired_diff_ci95=interval["ci"], conclusion=_stats.conclusion(interval["ci"]),
-                 better_on_seeds=interval["lower_on"])
+      if ref is not None:
+        p = _paired(runs, bits, row["arm"], ref["arm"])
+        row.update(best_baseline=ref["arm"], paired_diff_vs_best_baseline=p["mean"],
+                   paired_diff_ci95=p["ci"], conclusion=p["conclusion"],
+                   better_on_seeds=p["lower_on"])
+      if has_adamw and row["arm"] != "adamw":
+        p = _paired(runs, bits, row["arm"], "adamw")
+        row.update(paired_diff_vs_adamw=p["mean"], paired_diff_vs_adamw_ci95=p["ci"],
+                   conclusion_vs_adamw=p["conclusion"], better_than_adamw_on_seeds=p["lower_on"])
   return rows
 
 
@@ -590,7 +609,7 @@ def print_summary(results: dict[str, Any]) -> None:
 
 
 def plot(results: dict[str, Any], out: Path, stem: str) -> list[str]:
-  """Two figures: paired differences with their intervals; K/R_0 against R/R_0."""
+  """Two figures: paired differences with their intervals; K of three arms and AdamWT's R."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -614,18 +633,18 @@ def plot(results: dict[str, Any], out: Path, stem: str) -> list[str]:
   plt.close(fig)
   fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 3.2), squeeze=False)
   for ax, b in zip(axes[0], bits):
-    for arm in ("adamw", "adamwt"):
+    for arm in ("adamw", "adamw_freezing", "adamwt"):
       sel = [r for r in results["runs"] if r["bits"] == b and r["arm"] == arm]
       if not sel:
         continue
-      K = np.mean([np.asarray(r["trace"]["K"]) / r["r0"] for r in sel], axis=0)
-      R = np.asarray(sel[0]["trace"]["R"]) / sel[0]["r0"] if "R" in sel[0]["trace"] else None
+      K = np.mean([np.asarray(r["trace"]["K"]) for r in sel], axis=0)
       steps = np.arange(len(K)) * _TRACE_EVERY
-      ax.plot(steps, K, label=f"K/R0 {arm}")
-      if R is not None:
-        ax.plot(steps, R, "k--", lw=0.8, label="R/R0")
+      ax.plot(steps, K, label=f"K {sel[0]['arm']}")
+      if arm == "adamwt":  # the baselines' R is only the default target they are measured by
+        ax.plot(steps, np.asarray(sel[0]["trace"]["R"]), "k--", lw=0.8, label="R of adamwt")
     ax.set_xlabel("QAT step")
-    ax.set_title(f"W{b}: K against the target (mean over seeds)")
+    ax.set_ylabel("transitions per weight per step")
+    ax.set_title(f"W{b}: K, the EMA of the rate (mean of seeds)")
     ax.legend(fontsize=7)
   fig.tight_layout()
   paths.append(str(out / f"{stem}_tracking.png"))
@@ -634,8 +653,29 @@ def plot(results: dict[str, Any], out: Path, stem: str) -> list[str]:
   return paths
 
 
+def _write(results: dict[str, Any], out: Path, stem: str) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  results["figures"] = [os.path.basename(p) for p in plot(results, out, stem)]
+  print_summary(results)
+  _harness.write_json(str(out / f"{stem}.json"), results)
+
+
+def resummarize(path: str, out: Path) -> dict[str, Any]:
+  """Recomputes the summary and figures of a results file from its runs (no training).
+
+  The summary is a function of the runs alone, so a new comparison or figure
+  needs no rerun. Writes ``<stem>.json`` and the figures to ``out``.
+  """
+  with open(path) as f:
+    results = json.load(f)
+  summarize(results["summary"], results["runs"])
+  _write(results, out, Path(path).stem)
+  return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-  """Command line: ``--quick``, ``--out DIR``, ``--arms a,b``, ``--seeds N``."""
+  """Command line: ``--quick``, ``--out DIR``, ``--arms a,b``, ``--seeds N``, ``--width N``,
+  ``--from-results FILE``."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="small model, short runs (smoke run)")
   ap.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
@@ -643,7 +683,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds (default 5)")
   ap.add_argument("--width", type=int, default=None,
                   help="model width (default 80; heads: 2, so it must be even)")
+  ap.add_argument("--from-results", default=None, metavar="FILE",
+                  help="no training: recompute the summary and figures of FILE from its runs")
   args = ap.parse_args(argv)
+  if args.from_results is not None:
+    return resummarize(args.from_results, Path(args.out))
   values = dict(QUICK) if args.quick else {}
   if args.arms:
     values["arms"] = tuple(args.arms.split(","))
@@ -658,15 +702,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       ap.error(f"--width must be an even int >= 2, got {args.width}")
     values["width"] = args.width
   cfg = StudyConfig(**values)
-  start_load = _harness.loadavg()
+  # Before training: the commit recorded is the one that ran, whatever lands meanwhile.
+  before = machine()
   results = study(cfg)
-  results["machine"] = machine() | {"load_average_start": start_load}
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = "quick" if cfg.quick else "results"
-  results["figures"] = [os.path.basename(p) for p in plot(results, out, stem)]
-  print_summary(results)
-  _harness.write_json(str(out / f"{stem}.json"), results)
+  results["machine"] = before | {"load_average_start": before["load_average"],
+                                 "load_average": _harness.loadavg()}
+  _write(results, Path(args.out), "quick" if cfg.quick else "results")
   print(f"{results['seconds']:.0f} s")
   return results
 

@@ -94,7 +94,36 @@ def render_qat_study(results: dict[str, Any], source: str) -> str:
                  f"({r['paired_diff_vs_best_baseline']:+.4f} bits/byte, 95 % CI "
                  f"[{low:+.4f}, {high:+.4f}], lower on {r['better_on_seeds']} of "
                  f"{len(r['seeds'])} seeds).")
+  vs_adamw = [r for r in rows if r.get("paired_diff_vs_adamw_ci95") is not None]
+  if vs_adamw:
+    lines += ["", "Against plain AdamW, the optimizer the others add to (paired, 95 % CI):", ""]
+  for r in vs_adamw:
+    low, high = r["paired_diff_vs_adamw_ci95"]
+    lines.append(f"- {_bits(r)}: {r['label']}: {r['conclusion_vs_adamw']} "
+                 f"({r['paired_diff_vs_adamw']:+.4f} bits/byte [{low:+.4f}, {high:+.4f}], "
+                 f"lower on {r['better_than_adamw_on_seeds']} of {len(r['seeds'])} seeds).")
   return "\n".join(lines).rstrip()
+
+
+def render_qat_study_tuning(results: dict[str, Any], source: str) -> str:
+  """``qat_study.py``: each arm's tuning on seed 0, the values tried and the one chosen."""
+  lines = [
+      f"From `{source}`: final validation bits per byte on the tuning seed 0 for each "
+      "value tried (**bold**: chosen, the lowest); an arm with a base runs at its base "
+      "arm's chosen value.",
+      "",
+      "| bits | arm | knob | values tried (seed-0 bits per byte) | chosen at an end of the grid |",
+      "|---|---|---|---|---|",
+  ]
+  for r in results["summary"]:
+    tried = sorted(r["tuning"], key=lambda t: t["value"])
+    cells = [(f"**{t['value']:g}: {t['seed0_bits_per_byte']:.4f}**"
+              if t["value"] == r["tuned_value"] else
+              f"{t['value']:g}: {t['seed0_bits_per_byte']:.4f}") for t in tried]
+    edge = r["tuned_value"] in (tried[0]["value"], tried[-1]["value"])
+    lines.append(f"| {_bits(r)} | {r['label']} | {r['knob']} | {', '.join(cells)} | "
+                 f"{'yes' if edge else 'no'} |")
+  return "\n".join(lines)
 
 
 def render_ema_momentum(results: dict[str, Any], source: str) -> str:
@@ -210,6 +239,7 @@ def render_bn_reestimation(results: dict[str, Any], source: str) -> str:
 # without a trailing newline.
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any], str], str]]] = {
     "qat_study": ("benchmarks/results/qat_study/results.json", render_qat_study),
+    "qat_study_tuning": ("benchmarks/results/qat_study/results.json", render_qat_study_tuning),
     "ema_momentum": ("benchmarks/results/ema_momentum.json", render_ema_momentum),
     "train_step": ("benchmarks/results/train_step.json", render_train_step),
     "optimizer_step": ("benchmarks/results/optimizer_step.json", render_optimizer_step),

@@ -74,6 +74,15 @@ def _check_statistics(results):
     assert r["paired_diff_vs_best_baseline"] == pytest.approx(d.mean(), abs=1e-12)
     np.testing.assert_allclose(r["paired_diff_ci95"], [d.mean() - half, d.mean() + half],
                                rtol=1e-9, atol=1e-12)
+    if r["arm"] == "adamw":
+      assert r["paired_diff_vs_adamw"] is None
+      continue
+    d = np.array(mine) - np.array([final[r["bits"], "adamw", s] for s in r["seeds"]])
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    assert r["paired_diff_vs_adamw"] == pytest.approx(d.mean(), abs=1e-12)
+    np.testing.assert_allclose(r["paired_diff_vs_adamw_ci95"], [d.mean() - half, d.mean() + half],
+                               rtol=1e-9, atol=1e-12)
+    assert r["better_than_adamw_on_seeds"] == int((d < 0).sum())
 
 
 def _numbers(results):
@@ -101,6 +110,36 @@ def test_committed_quick_json_has_the_schema_and_its_statistics():
   assert saved["config"]["quick"]
   _check_schema(saved)
   _check_statistics(saved)
+
+
+def test_committed_full_run_has_the_schema_its_statistics_and_the_issue_s_size():
+  with open(BENCH / "results" / "qat_study" / "results.json") as f:
+    saved = json.load(f)
+  cfg = saved["config"]
+  assert not cfg["quick"] and cfg["seeds"] >= 5 and cfg["steps"] >= 2000
+  assert set(cfg["bits"]) >= {2, 3}
+  assert saved["model"]["quantized_parameters"] > 98_304  # the demo's language model
+  assert all(len(a["values"]) == 3 for a in saved["arms"])  # one tuning budget for all
+  _check_schema(saved)
+  _check_statistics(saved)
+  assert "/" not in " ".join(saved["machine"]["argv"])  # no machine paths in the file
+  for name in saved["figures"]:
+    assert (BENCH / "results" / "qat_study" / name).stat().st_size > 0
+
+
+def test_from_results_recomputes_the_committed_summary_without_training(tmp_path):
+  source = BENCH / "results" / "qat_study" / "quick.json"
+  with open(source) as f:
+    saved = json.load(f)
+  for row in saved["summary"]:  # what a summary computed by older code would lack
+    row.pop("paired_diff_vs_adamw", None)
+    row["paired_diff_ci95"] = None
+  stale = tmp_path / "quick.json"
+  stale.write_text(json.dumps(saved))
+  again = qat_study.main(["--from-results", str(stale), "--out", str(tmp_path / "out")])
+  with open(source) as f:
+    assert again["summary"] == json.load(f)["summary"]
+  assert (tmp_path / "out" / "quick.json").exists()
 
 
 def test_unknown_arm_is_refused(capsys):
