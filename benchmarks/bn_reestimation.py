@@ -19,7 +19,7 @@ seed fixes the calibration batch and the data order.
 
 Usage (from the repository root)::
 
-  python benchmarks/bn_reestimation.py            # 5 seeds, 20 QAT epochs
+  python benchmarks/bn_reestimation.py            # 10 seeds, 20 QAT epochs
   python benchmarks/bn_reestimation.py --quick    # 2 seeds, 2 + 1 epochs (smoke)
 
 Writes ``benchmarks/results/bn_reestimation.json`` (``..._quick.json``).
@@ -161,14 +161,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Command line: ``--quick``, ``--seeds N``, ``--epochs N``, ``--bn-batches N``, ``--out FILE``."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="2 seeds, 2 + 1 epochs (smoke run)")
-  ap.add_argument("--seeds", type=int, default=None, help="seeds (default 5; 2 with --quick)")
+  ap.add_argument("--seeds", type=int, default=None, help="seeds (default 10; 2 with --quick)")
   ap.add_argument("--epochs", type=int, default=20, help="QAT epochs (default 20)")
   ap.add_argument("--bn-batches", type=int, default=50,
                   help="training batches for the re-estimation (default 50, as Nagel et al.)")
   ap.add_argument("--out", default=None,
                   help="results file (default benchmarks/results/bn_reestimation.json)")
   args = ap.parse_args(argv)
-  seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
+  seeds = args.seeds if args.seeds is not None else (2 if args.quick else 10)
   if seeds < 2:
     ap.error(f"--seeds must be an int >= 2 (a paired interval needs two), got {seeds}")
   if args.bn_batches < 1:
