@@ -175,9 +175,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.error(f"--bn-batches must be an int >= 1, got {args.bn_batches}")
   if args.epochs < 1:
     ap.error(f"--epochs must be an int >= 1, got {args.epochs}")
+  # Before training: the commit recorded is the one that ran.
+  meta = _harness.meta(sys.argv[1:] if argv is None else list(argv),
+                       load_average_start=_harness.loadavg())
   results = run(args.quick, seeds, args.bn_batches, args.epochs)
-  results["meta"] = _harness.meta(sys.argv[1:] if argv is None else list(argv),
-                                  load_average=_harness.loadavg())
+  results["meta"] = meta | {"load_average": _harness.loadavg()}
   print_summary(results)
   path = _harness.results_path("bn_reestimation", args.quick, args.out)
   _harness.write_json(path, results)
