@@ -687,6 +687,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                   help="no training: recompute the summary and figures of FILE from its runs")
   args = ap.parse_args(argv)
   if args.from_results is not None:
+    try:
+      with open(args.from_results) as f:
+        keys = set(json.load(f))
+    except (OSError, ValueError) as e:
+      ap.error(f"--from-results: cannot read a results file from {args.from_results!r}: {e}")
+    if not {"summary", "runs"} <= keys:
+      ap.error(f"--from-results: {args.from_results!r} has no 'summary' and 'runs': not a "
+               "results file of this script")
     return resummarize(args.from_results, Path(args.out))
   values = dict(QUICK) if args.quick else {}
   if args.arms:

@@ -142,6 +142,21 @@ def test_from_results_recomputes_the_committed_summary_without_training(tmp_path
   assert (tmp_path / "out" / "quick.json").exists()
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read a results file"), ("{not json", "cannot read a results file"),
+    ('{"summary": []}', "has no 'summary' and 'runs'"),
+])
+def test_from_results_refuses_what_is_not_a_results_file(tmp_path, capsys, content, message):
+  path = tmp_path / "r.json"
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(SystemExit) as exit_info:
+    qat_study.main(["--from-results", str(path), "--out", str(tmp_path / "out")])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
 def test_unknown_arm_is_refused(capsys):
   with pytest.raises(SystemExit):
     qat_study.main(["--quick", "--arms", "adamw,sgd"])
