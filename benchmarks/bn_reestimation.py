@@ -64,20 +64,12 @@ def config(quick: bool, seeds: int, epochs: int) -> Any:
 def qat_model(cfg: Any, dataset: Any, fp_model: nnx.Module, seed: int, method: str
               ) -> nnx.Module:
   """One of the demo's QAT runs (its calibration, optimizer, step, data order)."""
-  data, optim, tasks, train, _ = _demo()
-  task = tasks.TASKS[cfg.dataset]
-  model = tasks.make_model(cfg, BITS, seed, dataset.num_classes)
-  tnnx.load_full_precision(model, fp_model)
-  first_x, _ = next(data.batches(dataset.train, cfg.batch_size, rng=np.random.default_rng(seed)))
-  tnnx.calibrate(model, jnp.asarray(first_x))
-  total = cfg.epochs * train.steps_per_epoch(cfg, dataset)
-  optimizer = nnx.Optimizer(model, optim.qat(cfg, model, method, BITS, total), wrt=nnx.Param)
-  rng = np.random.default_rng(seed)
-  model.train()
+  _, _, tasks, train, _ = _demo()
+  run = train.setup_qat(cfg, tasks.TASKS[cfg.dataset], dataset, fp_model, BITS, seed, method)
+  log = train.RunLog()
   for _ in range(cfg.epochs):
-    for x, y in data.batches(dataset.train, cfg.batch_size, rng=rng, augment=task.augment):
-      train.train_step(task, model, optimizer, jnp.asarray(x), jnp.asarray(y))
-  return model
+    train.train_epoch(run, cfg, dataset, log.traces)
+  return run.model
 
 
 def bn_batches(cfg: Any, dataset: Any, n: int, seed: int) -> list[Any]:

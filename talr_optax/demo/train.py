@@ -111,7 +111,7 @@ class RunLog:
 
 
 @dataclasses.dataclass
-class _Qat:
+class QatRun:
   """The moving parts of one QAT run."""
 
   task: Task
@@ -123,8 +123,9 @@ class _Qat:
   rng: np.random.Generator
 
 
-def _setup(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Module,
-           bits: int, seed: int, method: str) -> _Qat:
+def setup_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Module,
+              bits: int, seed: int, method: str) -> QatRun:
+  """A QAT run of ``method`` from ``fp_model``: calibrated, its optimizer built, in train mode."""
   model = make_model(cfg, bits, seed, dataset.num_classes)
   tnnx.load_full_precision(model, fp_model)
   first_x, _ = next(data.batches(dataset.train, cfg.batch_size,
@@ -134,12 +135,12 @@ def _setup(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mod
   optimizer = nnx.Optimizer(model, optim.qat(cfg, model, method, bits, total), wrt=nnx.Param)
   r0, target = optim.target(cfg, bits, total)
   model.train()
-  return _Qat(task, model, optimizer, optim.learning_rate(cfg, total), target, r0,
-              np.random.default_rng(seed))
+  return QatRun(task, model, optimizer, optim.learning_rate(cfg, total), target, r0,
+                np.random.default_rng(seed))
 
 
-def _train_epoch(run: _Qat, cfg: DemoConfig, dataset: data.Dataset,
-                 traces: dict[str, list[float]]) -> None:
+def train_epoch(run: QatRun, cfg: DemoConfig, dataset: data.Dataset,
+                traces: dict[str, list[float]]) -> None:
   """One epoch; appends a value per step to each trace (see ``runner.append_traces``)."""
   pending = [train_step(run.task, run.model, run.optimizer, jnp.asarray(x), jnp.asarray(y))
              for x, y in _epoch(cfg, run.task, dataset, run.rng)]
@@ -147,7 +148,7 @@ def _train_epoch(run: _Qat, cfg: DemoConfig, dataset: data.Dataset,
   append_traces(traces, jax.device_get(pending), run.lr, run.target)
 
 
-def _record(run: _Qat, log: RunLog, bits: int, seed: int, method: str) -> dict[str, Any]:
+def _record(run: QatRun, log: RunLog, bits: int, seed: int, method: str) -> dict[str, Any]:
   """The run's entry of ``results.json``."""
   return {
       "bits": bits,
@@ -166,7 +167,7 @@ def _status(cfg: DemoConfig, log: RunLog, loss: float) -> str:
           f"U {log.traces['U'][-1]:.3g} K {log.traces['K'][-1]:.2e}")
 
 
-def _resume(run: _Qat, checkpoints: Checkpoints) -> RunLog:
+def _resume(run: QatRun, checkpoints: Checkpoints) -> RunLog:
   _, saved, meta = checkpoints.restore(nnx_state(model=run.model, optimizer=run.optimizer))
   load_nnx_state(saved, model=run.model, optimizer=run.optimizer)
   return RunLog.from_json(meta, run.rng)
@@ -184,7 +185,7 @@ def run_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mo
   once the run has trained that many epochs in this call, as a crash would
   (a hook for tests of resuming).
   """
-  run = _setup(cfg, task, dataset, fp_model, bits, seed, method)
+  run = setup_qat(cfg, task, dataset, fp_model, bits, seed, method)
   log = RunLog()
   if checkpoints is not None and checkpoints.latest_step() is not None:
     log = _resume(run, checkpoints)
@@ -194,7 +195,7 @@ def run_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mo
   for epoch in range(start, cfg.epochs):
     if interrupt_after is not None and epoch - start >= interrupt_after:
       raise Interrupted(f"interrupted after epoch {epoch}")
-    _train_epoch(run, cfg, dataset, log.traces)
+    train_epoch(run, cfg, dataset, log.traces)
     log.accs.append(evaluate(task, run.model, dataset.test))
     log.md2tp_means.append(float(np.mean(md2tp(run.model))))
     if checkpoints is not None:
