@@ -113,6 +113,21 @@ def minflt() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def jitted_step(tx: Any, donate: bool) -> Callable[..., Any]:
+  """``jax.jit`` of one ``(params, state, grads) -> (params, state)`` step of ``tx``."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def copy_tree(tree: Any) -> Any:
+  """Fresh buffers (a donated step consumes its inputs)."""
+  return jax.tree.map(lambda x: x.copy(), tree)
+
+
 def stepper(fn: Callable[..., Any], params: Any, state: Any, grads: Any, warmup: int
             ) -> Callable[[], None]:
   """A runner for :func:`time_interleaved`: one ``fn(params, state, grads)`` step.

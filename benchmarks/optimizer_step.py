@@ -48,7 +48,6 @@ import sys
 import time
 
 import jax
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # pylint: disable=wrong-import-position
@@ -70,16 +69,7 @@ def build(variant: str, scales, donate: bool, sample_size: int = H.SAMPLE_SIZE):
   """(tx, jitted step); the step takes (params, state, grads)."""
   levels_fn = talr.levels_fn_from_scales(scales, bits=H.BITS)
   tx = H.optimizers(levels_fn, sample_size)[variant]
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return tx, jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-
-def _copy(tree):
-  return jax.tree.map(lambda x: x.copy(), tree)
+  return tx, H.jitted_step(tx, donate)
 
 
 def _role_cell(h) -> str:
@@ -98,11 +88,12 @@ def run(sizes, variants, donate_modes, repeats, warmup, seed=0, sample_size=H.SA
       runners, hlo = {}, {}
       for v in variants:
         tx, fn = build(v, scales, donate, sample_size)
-        params = _copy(params0)
+        params = H.copy_tree(params0)
         state = tx.init(params)
         hlo[v] = H.hlo_summary(fn.lower(params, state, grads).compile().as_text(),
                                n, n_tensors)
         runners[v] = H.stepper(fn, params, state, grads, warmup)
+      del params, state  # undonated first inputs: not kept alive while timing
       load0 = H.loadavg()
       t0 = time.perf_counter()
       raw = H.time_interleaved(runners, repeats, seed)

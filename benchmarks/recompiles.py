@@ -86,13 +86,8 @@ def _problem(name: str, size: str, steps: int, sample_size: int):
 
 def functional(name: str, size: str, steps: int, sample_size: int) -> dict:
   params, grads, tx = _problem(name, size, steps, sample_size)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step, donate_argnums=(0, 1))
-  params = jax.tree.map(lambda x: x.copy(), params)
+  step = H.jitted_step(tx, donate=True)
+  params = H.copy_tree(params)
   state = tx.init(params)
   # Gradients that change every step (new values, same shapes and dtypes).
   grad_seq = [jax.tree.map(lambda g, i=i: g * (1.0 + 0.5 * np.sin(i)), grads) for i in range(4)]

@@ -46,8 +46,7 @@ STRENGTH = 1e-3
 def optimizer(variant: str, scales) -> optax.GradientTransformation:
   levels_fn = talr.levels_fn_from_scales(scales, bits=H.BITS)
   centers_fn = talr.centers_fn_from_scales(scales, bits=H.BITS)
-  adamw = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(H.WEIGHT_DECAY),
-                      optax.scale_by_learning_rate(H.ADAM_LR))
+  adamw = optax.adamw(H.ADAM_LR, weight_decay=H.WEIGHT_DECAY)
   adamwt = lambda **kw: talr.adamwt(H.ADAM_LR, H.TARGET, levels_fn,
                                     weight_decay=H.WEIGHT_DECAY, **kw)
   return {
@@ -69,14 +68,9 @@ def run(sizes, variants, repeats, warmup, seed=0):
     for v in variants:
       tx = optimizer(v, scales)
       state_bytes[v] = H.tree_nbytes(jax.eval_shape(tx.init, params0)) / n
-
-      def step(params, state, grads, tx=tx):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-      params = jax.tree.map(lambda x: x.copy(), params0)
-      runners[v] = H.stepper(jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params),
-                             grads, warmup)
+      params = H.copy_tree(params0)
+      runners[v] = H.stepper(H.jitted_step(tx, donate=True), params, tx.init(params), grads,
+                             warmup)
     load0 = H.loadavg()
     raw = H.time_interleaved(runners, repeats, seed)
     load1 = H.loadavg()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 
 from talr_optax import _tree
 
@@ -30,9 +29,8 @@ _PER_RATE = ("transition_rate", "ema_transition_rate", "target_transition_rate",
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   has_shape = lambda x: hasattr(_tree.unbox(x), "shape")
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=has_shape)
-  return {_tree.path_str(path): tuple(_tree.unbox(x).shape)
-          for path, x in leaves if has_shape(x)}
+  return {path: tuple(_tree.unbox(x).shape)
+          for path, x in _tree.leaves_with_paths(tree, has_shape) if has_shape(x)}
 
 
 def check_restorable(saved: Any, like: Any) -> None:

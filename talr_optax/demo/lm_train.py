@@ -360,5 +360,6 @@ def run_qat(cfg: LMConfig, data: LMData, fp_model: nnx.Module, bits: int, seed: 
   }
   if method == "talr":
     record["export"] = export.export_report(model, make_model(cfg, bits, seed),
-                                            lambda m: bits_per_byte(m, data.val))
+                                            lambda m: bits_per_byte(m, data.val),
+                                            record["final_bits_per_byte"])
   return record

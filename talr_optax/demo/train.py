@@ -208,5 +208,5 @@ def run_qat(cfg: DemoConfig, task: Task, dataset: data.Dataset, fp_model: nnx.Mo
   if method == "talr":
     record["export"] = export.export_report(
         run.model, make_model(cfg, bits, seed, dataset.num_classes),
-        lambda model: evaluate(task, model, dataset.test))
+        lambda model: evaluate(task, model, dataset.test), log.accs[-1])
   return record

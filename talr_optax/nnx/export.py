@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from talr_optax import quantizers
+from talr_optax.nnx import labels
 from talr_optax.nnx import layers as layers_lib
 
 __all__ = ["EXPORT_VERSION", "QUANTIZER_KEYS", "export_integer_model"]
@@ -76,7 +77,7 @@ def _check_model(model: tp.Any) -> None:
         "export_integer_model: model must be an nnx.Module with QuantConv/QuantLinear "
         f"layers (e.g. a SmallCNN or TransformerLM), got model of type "
         f"{type(model).__name__}.")
-  if hasattr(type(model), "_unquantized_type"):
+  if labels._is_qwix_model(model):  # pylint: disable=protected-access
     raise ValueError(
         f"export_integer_model: {type(model).__name__} is a Qwix model "
         "(qwix.quantize_model). Serve it with Qwix's own post-training path: "
