@@ -293,6 +293,17 @@ def transition_rates(layout: Layout, new: Sequence[jax.Array], old: Sequence[jax
   return jnp.sum(k * jnp.asarray(w / w.sum(), RATE_DTYPE)).reshape(1)
 
 
+def rates_since(layout: Layout, levels: Any, prev_levels: Any) -> tuple[jax.Array, Any]:
+  """``k`` from the stored ``prev_levels`` to ``levels``, and the levels to store next.
+
+  The one count both ``scale_by_talr`` and ``track_transitions`` make:
+  ``levels`` is a full levels tree, ``prev_levels`` the state's field.
+  """
+  new = counted(layout, levels)
+  k = transition_rates(layout, new, stored(layout, prev_levels, "stored levels"))
+  return k, layout.per_leaf(new)
+
+
 def group_means(layout: Layout, values: Sequence[jax.Array]) -> jax.Array:
   """Mean of per-weight ``values`` (counted shape, one per quantized leaf) per rate group."""
   out = []

@@ -268,14 +268,13 @@ def scale_by_talr(
     # 1. The update, from U_n alone: it never waits for this step's count.
     updates = _scale_updates(layout, updates, state.talr, fallback)
     # 2. The transitions it causes set U_(n+1), for the target R(n+1).
-    new = counting.counted(layout, counting.levels_after(levels_fn, params, updates))
-    k = counting.transition_rates(
-        layout, new, counting.stored(layout, state.prev_levels, "stored levels"))
+    k, prev_levels = counting.rates_since(
+        layout, counting.levels_after(levels_fn, params, updates), state.prev_levels)
     R = _sanitize_target(target_fn(optax.safe_increment(n)))
     K, U, c = adapt(k, state.ema_transition_rate, state.talr, state.talr_scale, R)
     return updates, ScaleByTALRState(
         talr_count=optax.safe_increment(n),
-        prev_levels=layout.per_leaf(new),
+        prev_levels=prev_levels,
         transition_rate=k,
         ema_transition_rate=K,
         target_transition_rate=jnp.broadcast_to(R, K.shape),
@@ -413,10 +412,8 @@ def track_transitions(
     _layout.check_state(layout, state.rate_names, state.prev_levels,
                         (state.ema_transition_rate,), name="track_transitions",
                         sample_size=sample_size)
-    new = counting.counted(layout, levels)
-    k = counting.transition_rates(
-        layout, new, counting.stored(layout, state.prev_levels, "stored levels"))
+    k, prev_levels = counting.rates_since(layout, levels, state.prev_levels)
     K = (ema_momentum * state.ema_transition_rate + (1.0 - ema_momentum) * k).astype(RATE_DTYPE)
-    return updates, TrackTransitionsState(layout.per_leaf(new), k, K, state.rate_names)
+    return updates, TrackTransitionsState(prev_levels, k, K, state.rate_names)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
