@@ -57,8 +57,6 @@ CONV_PAIRS = (("sgd", "sgdt"), ("sgd", "sgdt_sampled"),
               ("adam", "adamt"), ("adam", "adamt_sampled"))
 RESNET_PAIRS = (("sgd", "sgdt"), ("sgd", "sgd_track"))
 LLAMA_VARIANTS = ("adam", "adamt", "adamt_sampled")
-RATE_FIELDS = ("transition_rate", "ema_transition_rate", "target_transition_rate", "talr",
-               "talr_scale")
 
 # Llama-2-7B (Touvron et al., 2023).
 LLAMA_7B = dict(vocab=32000, d_model=4096, n_layers=32, n_heads=32, d_mlp=11008)
@@ -78,7 +76,8 @@ def talr_parts(state: Any) -> dict[str, int]:
     if not isinstance(s, kinds):
       continue
     parts["prev_levels"] += H.tree_nbytes(s.prev_levels)
-    parts["rates"] += sum(H.tree_nbytes(getattr(s, f)) for f in RATE_FIELDS if hasattr(s, f))
+    # Every rate vector the state declares (talr_optax.ScaleByTALRState.state_fields).
+    parts["rates"] += sum(H.tree_nbytes(getattr(s, f)) for f in s.state_fields.per_rate)
     parts["count"] += H.tree_nbytes(getattr(s, "talr_count", None))
     parts["rate_groups"] += len(s.rate_names.names)
   return parts

@@ -28,7 +28,8 @@ from talr_optax.quantizers import (
     weight_centers,
     weight_levels,
 )
-from talr_optax.schedules import TargetSchedule, cosine_target, ema_momentum_for, initial_target
+from talr_optax.schedules import (TargetSchedule, cosine_target, ema_momentum_for, initial_target,
+                                  measured_target)
 from talr_optax.transform import (
     RateNames,
     ScaleByTALRState,
@@ -66,6 +67,7 @@ __all__ = [
     "initial_weight_scale",
     "level_values",
     "levels_fn_from_scales",
+    "measured_target",
     "metrics",
     "scale_by_talr",
     "sgdt",

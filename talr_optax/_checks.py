@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _prefix(owner: Optional[str]) -> str:
+def prefix(owner: Optional[str]) -> str:
   return f"{owner}: " if owner else ""
 
 
@@ -56,15 +56,15 @@ def check_number(name: str, value: Any, low: float = -math.inf, high: float = ma
   if isinstance(value, jax.core.Tracer):
     if getattr(value, "shape", None) == ():
       return
-    raise ValueError(f"{_prefix(owner)}{name} must be a scalar, got shape {value.shape}.")
+    raise ValueError(f"{prefix(owner)}{name} must be a scalar, got shape {value.shape}.")
   x = concrete_float(value)
   if x is None:
     raise ValueError(
-        f"{_prefix(owner)}{name} must be a real number, got {name} = {value!r}.")
+        f"{prefix(owner)}{name} must be a real number, got {name} = {value!r}.")
   ok = (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
   if not (ok and math.isfinite(x)):
     raise ValueError(
-        f"{_prefix(owner)}{name} must be in {_interval(low, high, low_open, high_open)},"
+        f"{prefix(owner)}{name} must be in {_interval(low, high, low_open, high_open)},"
         f" got {name} = {x!r}.")
 
 
@@ -83,7 +83,7 @@ def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None,
   if not ok:
     bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
     raise ValueError(
-        f"{_prefix(owner)}{name} must be an integer {bound}, got {name} = {value!r}.")
+        f"{prefix(owner)}{name} must be an integer {bound}, got {name} = {value!r}.")
   return int(value)
 
 
@@ -91,7 +91,7 @@ def check_bool(name: str, value: Any, *, owner: Optional[str] = None) -> bool:
   """``value`` as a ``bool`` if it is one (Python or NumPy)."""
   if not _is_bool(value):
     raise ValueError(
-        f"{_prefix(owner)}{name} must be True or False, got {name} = {value!r}.")
+        f"{prefix(owner)}{name} must be True or False, got {name} = {value!r}.")
   return bool(value)
 
 
@@ -100,7 +100,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any],
   """``value`` if it is one of ``choices``."""
   if not any(value == c and type(value) is type(c) for c in choices):
     raise ValueError(
-        f"{_prefix(owner)}{name} must be one of {tuple(choices)}, got {name} = {value!r}.")
+        f"{prefix(owner)}{name} must be one of {tuple(choices)}, got {name} = {value!r}.")
   return value
 
 
@@ -109,7 +109,7 @@ def check_callable(name: str, value: Any, what: str, *, owner: Optional[str] = N
   """``value`` if it is callable; ``what`` says which signature is expected."""
   if not callable(value):
     raise ValueError(
-        f"{_prefix(owner)}{name} must be {what}, got {name} of type"
+        f"{prefix(owner)}{name} must be {what}, got {name} of type"
         f" {type(value).__name__}.")
   return value
 

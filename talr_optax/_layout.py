@@ -140,7 +140,7 @@ def build(levels: Any, params: Any, *, layer_axes: Any, sample_size: Optional[in
   for level, path in zip(leaves, paths):
     _check_integer(level, path)
   param_leaves = _match(treedef, params, "params")
-  axes = _layer_axes(layer_axes, params, treedef)
+  axes = layer_axes_of(layer_axes, params, treedef)
   out: list[Optional[QuantizedLeaf]] = []
   names: list[str] = []
   for position, (level, param, axis, path) in enumerate(zip(leaves, param_leaves, axes, paths)):
@@ -199,7 +199,7 @@ def _match(treedef: Any, tree: Any, what: str) -> list[Any]:
         f" per quantized leaf and None elsewhere. ({e})") from None
 
 
-def _layer_axes(layer_axes: Any, params: Any, treedef: Any) -> list[Optional[int]]:
+def layer_axes_of(layer_axes: Any, params: Any, treedef: Any) -> list[Optional[int]]:
   """The layer axis of every levels leaf, from a prefix pytree (or a callable)."""
   if layer_axes is None:
     return [None] * treedef.num_leaves

@@ -15,22 +15,22 @@ from __future__ import annotations
 from typing import Any
 
 
+from talr_optax import _stage
 from talr_optax import _tree
 
 __all__ = ["check_restorable"]
-
-# Fields of the TALR states: per weight (shaped like the counted levels) and
-# one entry per rate group.
-_PER_WEIGHT = ("prev_levels", "last_direction", "oscillation_frequency")
-_PER_RATE = ("transition_rate", "ema_transition_rate", "target_transition_rate", "talr",
-             "talr_scale", "mean_oscillation_frequency", "oscillating_fraction",
-             "oscillation_rate")
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   has_shape = lambda x: hasattr(_tree.unbox(x), "shape")
   return {path: tuple(_tree.unbox(x).shape)
           for path, x in _tree.leaves_with_paths(tree, has_shape) if has_shape(x)}
+
+
+def _field_kind(path: str, kinds: dict[str, str]) -> str:
+  """``"per_weight"``, ``"per_rate"`` or ``"other"``: the declared field ``path`` lies in."""
+  # The field name comes before the param path below it (whose names are the user's).
+  return next((kinds[part] for part in path.split("/") if part in kinds), "other")
 
 
 def check_restorable(saved: Any, like: Any) -> None:
@@ -44,31 +44,44 @@ def check_restorable(saved: Any, like: Any) -> None:
       ``tx.init(params)``).
 
   Raises:
-    ValueError: when an array of ``like`` has another shape in ``saved``. The
-      message names the setting: the params (e.g. the number of stacked
-      layers), ``sample_size`` (the stored levels), or ``layer_axes`` /
-      ``granularity`` (the rate vectors).
+    ValueError: when ``saved`` or ``like`` holds no arrays, when they have no
+      array path in common (``saved`` is another tree), or when an array of
+      ``like`` has another shape in ``saved``. The message names the setting:
+      the params (e.g. the number of stacked layers), ``sample_size`` (the
+      stored per-weight state), or ``layer_axes`` / ``granularity`` (the rate
+      vectors). Which field is which is read from each state class's
+      declaration, so every stage of the library is covered.
   """
   old, new = _shapes(saved), _shapes(like)
+  for name, shapes, value in (("saved", old, saved), ("like", new, like)):
+    if not shapes:
+      raise ValueError(
+          f"check_restorable: {name} holds no arrays (got {type(value).__name__}): pass"
+          " the saved state (or its metadata) and the state to restore into.")
+  if not old.keys() & new.keys():
+    raise ValueError(
+        "check_restorable: saved and like have no array path in common (e.g. saved"
+        f" '{next(iter(old))}', like '{next(iter(new))}'): they are not the same tree."
+        " Pass the same item of the checkpoint as the state you restore into.")
   differ = {path: (old[path], shape) for path, shape in new.items()
             if path in old and old[path] != shape}
   if not differ:
     return
-  field = lambda path: next((f for f in _PER_WEIGHT + _PER_RATE
-                             if f"/{f}/" in f"/{path}/"), None)
-  weights = [p for p in differ if field(p) in _PER_WEIGHT]
-  rates = [p for p in differ if field(p) in _PER_RATE]
-  others = [p for p in differ if field(p) is None]
-  if others:
+  kinds = _stage.field_kinds()
+  by_kind: dict[str, list[str]] = {"other": [], "per_weight": [], "per_rate": []}
+  for path in differ:
+    by_kind[_field_kind(path, kinds)].append(path)
+  if by_kind["other"]:
     cause = ("the params (or another optimizer's state) have other shapes: the model"
              " differs, e.g. in its number of stacked layers")
-  elif weights:
-    cause = ("the stored levels have other shapes while the params do not: sample_size"
-             " differs (it sets which weights are counted and stored)")
+  elif by_kind["per_weight"]:
+    cause = ("the stored per-weight state (levels, directions, frequencies) has other"
+             " shapes while the params do not: sample_size differs (it sets which weights"
+             " are counted and stored)")
   else:
-    cause = ("the rate vectors have another length while the params and levels do not:"
-             " layer_axes or granularity differs (they set the number of rates)")
-  first = (others or weights or rates)[0]
+    cause = ("the rate vectors have another length while the params and per-weight state"
+             " do not: layer_axes or granularity differs (they set the number of rates)")
+  first = (by_kind["other"] or by_kind["per_weight"] or by_kind["per_rate"])[0]
   raise ValueError(
       f"the checkpoint does not fit this run: {cause}. First difference: '{first}'"
       f" saved {differ[first][0]}, here {differ[first][1]}"

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from talr_optax import _checks
 from talr_optax import _layout
@@ -137,13 +137,15 @@ def _explicit_spec(x: jax.Array) -> Optional[tuple[Any, ...]]:
   return tuple(spec) + (None,) * (x.ndim - len(spec))
 
 
-def _split_sharding(x: jax.Array, strides: Sequence[int]) -> Optional[PartitionSpec]:
+def _split_sharding(x: jax.Array, strides: Sequence[int]) -> Optional[NamedSharding]:
   """On a mesh with Explicit axes, where the sharding of ``x`` goes when split axes split.
 
   Explicit sharding is part of an array's type, so a reshape must be told
   where it goes: an axis sharded over mesh axes stays sharded on its grid
   points when they divide evenly (each device keeps its own block), else it
   is gathered. ``None`` (the compiler propagates) when no axis is Explicit.
+  A ``NamedSharding`` on the array's own mesh, not a bare ``PartitionSpec``,
+  so no ``jax.set_mesh`` context is needed.
   """
   spec = _explicit_spec(x)
   if spec is None:
@@ -157,14 +159,24 @@ def _split_sharding(x: jax.Array, strides: Sequence[int]) -> Optional[PartitionS
       out += [entry if entry is None or (d // s) % devices(entry) == 0 else None, None]
     else:
       out += [entry]
-  return PartitionSpec(*out)
+  return NamedSharding(mesh, PartitionSpec(*out))
 
 
 def _replicated(x: jax.Array) -> jax.Array:
   """``x`` (a few rates) replicated, where Explicit sharding would keep it split."""
   if _explicit_spec(x) is None:
     return x
-  return jax.sharding.reshard(x, PartitionSpec())
+  return jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec()))
+
+
+def zeros_like(x: jax.Array, dtype: Any) -> jax.Array:
+  """Zeros shaped and sharded like ``x``, in ``dtype``.
+
+  Computed from ``x``: ``jnp.zeros_like`` of an array sharded over an
+  Explicit mesh axis, traced in a ``jax.jit`` outside ``jax.set_mesh``,
+  fails to place its result.
+  """
+  return (x.astype(jnp.int32) * 0).astype(dtype)
 
 
 def levels_of(levels_fn: LevelsFn, params: Any, *, check_range: bool = False) -> Any:

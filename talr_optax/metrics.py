@@ -1,11 +1,12 @@
 """Flat scalar dicts of TALR state for loggers.
 
-:func:`metrics` finds every state of :func:`talr_optax.scale_by_talr` and
-:func:`talr_optax.track_transitions` (and of the oscillation monitor and
-freezing stage) inside an optimizer state (chains, ``masked``, ``partition``,
-``inject_hyperparams``, ``MultiSteps``, the inner stage of a freezing stage,
-``nnx.Optimizer``, ...) and returns one scalar per rate group and field, keyed
-``"<field>/<name>"``.
+:func:`metrics` finds the state of every stage of the library inside an
+optimizer state (chains, ``masked``, ``partition``, ``inject_hyperparams``,
+``MultiSteps``, the inner stage of a freezing stage, ``nnx.Optimizer``, ...)
+and returns one scalar per rate group and per-rate field, keyed
+``"<field>/<name>"``. Which fields are per rate group is what each state
+class declares (``talr_optax._stage.declare_state``), so a new stage's
+fields are reported without a list to update here.
 """
 
 from __future__ import annotations
@@ -14,33 +15,10 @@ from typing import Any
 
 import jax
 
+from talr_optax import _stage
 from talr_optax import _tree
-from talr_optax.freezing import FreezeOscillationsState
-from talr_optax.oscillations import TrackOscillationsState
-from talr_optax.transform import ScaleByTALRState, TrackTransitionsState
 
 __all__ = ["metrics"]
-
-_FIELDS = ("talr", "transition_rate", "ema_transition_rate", "target_transition_rate",
-           "mean_oscillation_frequency", "oscillating_fraction", "oscillation_rate",
-           "frozen_fraction")
-_STATES = (ScaleByTALRState, TrackTransitionsState, TrackOscillationsState,
-           FreezeOscillationsState)
-
-
-def _is_state(x: Any) -> bool:
-  return isinstance(x, _STATES)
-
-
-def _find_states(tree: Any) -> list[Any]:
-  """The states in ``tree``, in order; a freezing stage's inner state follows it."""
-  found = []
-  for s in jax.tree.leaves(tree, is_leaf=_is_state):
-    if _is_state(s):
-      found.append(s)
-      if isinstance(s, FreezeOscillationsState):
-        found.extend(_find_states(s.inner_state))
-  return found
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -48,31 +26,32 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
 
   Args:
     opt_state: any optimizer state holding states of
-      :func:`talr_optax.scale_by_talr`, :func:`talr_optax.track_transitions`
-      or :func:`talr_optax.track_oscillations` (also the ``opt_state`` of an
+      :func:`talr_optax.scale_by_talr`, :func:`talr_optax.track_transitions`,
+      :func:`talr_optax.track_oscillations` or
+      :func:`talr_optax.freeze_oscillations` (also the ``opt_state`` of an
       ``nnx.Optimizer``, whose boxed arrays are unboxed).
 
   Returns:
-    ``{"talr/<name>": U, "transition_rate/<name>": k,
-    "ema_transition_rate/<name>": K, "target_transition_rate/<name>": R}``
-    with float32 scalar arrays (jit-compatible: no host transfer). ``<name>``
-    is the param path (``"conv1/kernel"``), with ``[i]`` for layer ``i`` of a
-    stacked param; with ``granularity="global"`` the key is the field name
-    alone. The oscillation monitor adds ``mean_oscillation_frequency/<name>``,
+    One float32 scalar array per rate group and per-rate field of each state
+    (jit-compatible: no host transfer), keyed ``"<field>/<name>"``: for TALR
+    ``"talr/<name>"`` (``U``), ``"talr_scale/<name>"`` (``c = U / lr``),
+    ``"transition_rate/<name>"`` (``k``), ``"ema_transition_rate/<name>"``
+    (``K``), ``"target_transition_rate/<name>"`` (``R``) and
+    ``"initial_target_rate/<name>"`` (``R_0``). ``<name>`` is the param path
+    (``"conv1/kernel"``), with ``[i]`` for layer ``i`` of a stacked param;
+    with ``granularity="global"`` the key is the field name alone. The
+    oscillation monitor adds ``mean_oscillation_frequency/<name>``,
     ``oscillating_fraction/<name>`` and ``oscillation_rate/<name>``;
     :func:`talr_optax.freeze_oscillations` adds ``frozen_fraction/<name>``
-    (and the states of its ``inner`` stage are found). When
-    several states hold the same key, the second gets ``#1``, the third
-    ``#2``, and so on (in the order of the states).
+    (and the states of its ``inner`` stage are found). When several states
+    hold the same key, the second gets ``#1``, the third ``#2``, and so on
+    (in the order of the states).
   """
-  found = _find_states(opt_state)
   out: dict[str, jax.Array] = {}
   seen: dict[str, int] = {}
-  for state in found:
-    names = state.rate_names.names
-    for field in _FIELDS:
-      if not hasattr(state, field):
-        continue
+  for state in _stage.find_states(opt_state):
+    names = state.rate_names.names if state.state_fields.per_rate else ()
+    for field in state.state_fields.per_rate:
       vector = _tree.unbox(getattr(state, field))
       for j, name in enumerate(names):
         key = f"{field}/{name}" if name else field

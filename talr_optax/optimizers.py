@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from talr_optax import _checks
-from talr_optax.freezing import freeze_oscillations
+from talr_optax.freezing import freeze_oscillations, threshold_schedule
 from talr_optax.transform import LevelsFn, ScalarOrSchedule, scale_by_talr
 
 __all__ = ["sgdt", "adamt", "adamwt"]
@@ -60,6 +60,9 @@ def _talr(learning_rate, target_transition_rate, levels_fn, *, ema_momentum,
     raise ValueError(
         "freeze_threshold needs centers_fn (e.g. talr_optax.centers_fn_from_scales or"
         " talr_optax.nnx.centers_fn_for) to move a frozen weight to its level.")
+  # Checked here, so that the messages name this factory's arguments.
+  threshold_schedule(threshold, "freeze_threshold", owner=None)
+  _checks.check_number("freeze_ema_momentum", freeze_ema_momentum, 0.0, 1.0, high_open=True)
   # Around TALR, so that TALR counts the snap to the frozen level (freezing.py).
   return freeze_oscillations(levels_fn, centers_fn, threshold,
                              ema_momentum=freeze_ema_momentum,

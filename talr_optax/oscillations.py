@@ -9,8 +9,8 @@ measures that directly, next to a baseline.
 
 Like :func:`talr_optax.track_transitions` it is the last stage of a chain and
 measures the changes the final updates cause; it leaves the updates
-unchanged. It is opt-in because it keeps per-weight state: 3 bytes per
-tracked weight (an int8 direction and a float16 frequency), or only for a
+unchanged. It is opt-in because it keeps per-weight state: 5 bytes per
+tracked weight (an int8 direction and a float32 frequency), or only for a
 fixed sample with ``sample_size``.
 """
 
@@ -24,18 +24,22 @@ import numpy as np
 import optax
 
 from talr_optax import _checks
-from talr_optax import _layout
+from talr_optax import _stage
 from talr_optax import counting
 from talr_optax._layout import RATE_DTYPE, LevelsFn, RateNames
 
 __all__ = ["TrackOscillationsState", "track_oscillations"]
 
-# A frequency is an EMA of 0/1 events; float16 keeps it within about 0.5 %
-# (random rounding, contracted by the EMA) at half the bytes of float32.
-_FREQUENCY_DTYPE = jnp.float16
+# A frequency is an EMA of 0/1 events. Float32: with Nagel et al.'s momentum
+# 0.999 a float16 frequency near 0.01 moves by under one ulp per step, so most
+# steps round away and the error grows to several percent (7 % seen).
+_FREQUENCY_DTYPE = jnp.float32
 _DIRECTION_DTYPE = jnp.int8
 
 
+@_stage.declare_state(per_weight=("last_direction", "oscillation_frequency"),
+                      per_rate=("mean_oscillation_frequency", "oscillating_fraction",
+                                "oscillation_rate"))
 class TrackOscillationsState(NamedTuple):
   """State of :func:`track_oscillations` after update ``n``.
 
@@ -43,7 +47,7 @@ class TrackOscillationsState(NamedTuple):
     last_direction: per tracked weight, the sign (-1, 0, +1) of its last level
       change (int8), shaped like the params (``None`` elsewhere).
     oscillation_frequency: per tracked weight, the EMA of its oscillations
-      (float16).
+      (float32).
     mean_oscillation_frequency: float32 vector, the mean frequency of each
       rate group (a tensor, or a layer of a stacked tensor).
     oscillating_fraction: float32 vector, the fraction of each group's
@@ -105,19 +109,20 @@ def track_oscillations(
     Nagel, Fournarakis, Bondarenko, Blankevoort, `Overcoming Oscillations in
     Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
   """
-  _checks.check_callable("levels_fn", levels_fn, "a function params -> levels")
-  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
-  _checks.check_number("threshold", threshold, 0.0, 1.0, high_open=True)
+  owner = "track_oscillations"
+  _stage.check_levels_fn(levels_fn, owner=owner, callables=("levels_fn",))
+  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True, owner=owner)
+  _checks.check_number("threshold", threshold, 0.0, 1.0, high_open=True, owner=owner)
   _checks.check_sample_size(sample_size)
-  measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
+  prologue = _stage.Prologue(owner, TrackOscillationsState, levels_fn, layer_axes=layer_axes,
+                             sample_size=sample_size)
 
   def init_fn(params):
-    layout, levels = counting.init_levels(levels_fn, params, name="track_oscillations",
-                                          **measure)
+    layout, levels = prologue.init(params)
     # Like the counted levels, so each takes the sharding of its param (an
     # Explicit mesh refuses to mix a replicated state with sharded levels).
     counted = counting.counted(layout, levels)
-    per_weight = lambda dtype: layout.per_leaf([jnp.zeros_like(c, dtype) for c in counted])
+    per_weight = lambda dtype: layout.per_leaf([counting.zeros_like(c, dtype) for c in counted])
     zeros = lambda: jnp.zeros((layout.num_rates,), RATE_DTYPE)
     return TrackOscillationsState(
         last_direction=per_weight(_DIRECTION_DTYPE),
@@ -130,15 +135,10 @@ def track_oscillations(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(
-          "track_oscillations measures the level changes the update causes, so it"
-          " needs the params: call tx.update(updates, state, params).")
+    why = "measures the level changes the update causes"
+    _stage.require_params(params, owner, why)
     before = counting.levels_of(levels_fn, params)
-    layout = _layout.build(before, params, **measure)
-    _layout.check_state(layout, state.rate_names, state.last_direction,
-                        (state.mean_oscillation_frequency,), name="track_oscillations",
-                        sample_size=sample_size)
+    layout = prologue.update(state, params, why=why, levels=before)
     # The levels the next step receives: rounded as stored, as track_transitions.
     after = counting.levels_after(levels_fn, params, updates)
     tracked = zip(counting.counted(layout, before), counting.counted(layout, after),

@@ -3,7 +3,9 @@
 The paper schedules the target ``R`` with a cosine decay from
 ``R_0 = lambda * sqrt(b_w)`` to 0 over training (``lambda = 5e-3`` was best in
 its sweep; a final target above 0 hurt). Any Optax schedule (step -> rate in
-``[0, 1]``) can be a target.
+``[0, 1]``) can be a target. :func:`measured_target` needs no ``R_0``: it
+measures the rate the base learning rate gives in the first updates and
+decays the target from there.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import optax
 
 from talr_optax import _checks
 
-__all__ = ["initial_target", "cosine_target", "TargetSchedule", "ema_momentum_for",
-           "DEFAULT_EMA_MOMENTUM"]
+__all__ = ["initial_target", "cosine_target", "measured_target", "TargetSchedule",
+           "ema_momentum_for", "DEFAULT_EMA_MOMENTUM"]
 
 # The paper's EMA momentum: K averages over about 100 steps.
 DEFAULT_EMA_MOMENTUM = 0.99
@@ -35,13 +37,41 @@ class TargetSchedule:
   ready optimizers read ``total_steps`` to pick the EMA momentum when
   ``ema_momentum=None`` (see :func:`ema_momentum_for`).
 
+  A *measured* target (``measure_steps > 0``, from :func:`measured_target`)
+  has no rate of its own before training: ``schedule`` is then the target
+  relative to ``R_0`` (1 at step 0), and :func:`talr_optax.scale_by_talr`
+  measures ``R_0`` in the first ``measure_steps`` updates. Called directly,
+  it returns that relative value.
+
   Attributes:
-    schedule: the schedule itself.
+    schedule: the schedule itself (relative to ``R_0`` when measured).
     total_steps: the number of steps of the run.
+    measure_steps: 0, or the number of first updates whose mean transition
+      rate is ``R_0``.
+    measure_pooled: one ``R_0`` for every rate group (their size-weighted
+      mean), instead of each group's own.
+    measure_fraction: ``R_0`` is this fraction of the measured rate, in
+      ``(0, 1]``.
   """
 
   schedule: Callable[[Any], Any]
   total_steps: int
+  measure_steps: int = 0
+  measure_pooled: bool = False
+  measure_fraction: float = 1.0
+
+  def __post_init__(self):
+    _checks.check_callable("schedule", self.schedule, "a function step -> rate",
+                           owner="TargetSchedule")
+    _checks.check_int("total_steps", self.total_steps, 1)
+    _checks.check_int("measure_steps", self.measure_steps, 0, self.total_steps)
+    _checks.check_bool("measure_pooled", self.measure_pooled)
+    _checks.check_number("measure_fraction", self.measure_fraction, 0.0, 1.0, low_open=True)
+
+  @property
+  def measured(self) -> bool:
+    """Whether ``R_0`` is measured in the first updates."""
+    return self.measure_steps > 0
 
   def __call__(self, count: Any) -> Any:
     return self.schedule(count)
@@ -125,3 +155,35 @@ def cosine_target(init_rate: float, total_steps: int, final_rate: float = 0.0
   return TargetSchedule(optax.cosine_decay_schedule(
       init_value=float(init_rate), decay_steps=total_steps,
       alpha=float(final_rate) / float(init_rate)), total_steps)
+
+
+def measured_target(total_steps: int, *, measure_steps: Optional[int] = None
+                    ) -> TargetSchedule:
+  """A cosine target from the transition rate the base learning rate gives.
+
+  :func:`talr_optax.scale_by_talr` (and the ready optimizers) run the first
+  ``W = measure_steps`` updates at the base learning rate ``U_0``, measuring
+  each rate group's transition rate; ``K`` is their running mean. After
+  update ``W - 1``, ``R_0`` is that mean (at least one transition per group
+  in the ``W`` updates), and the target is the cosine
+  ``R_t = R_0 (1 + cos(pi t / T)) / 2``, followed by TALR as usual.
+
+  So ``R_0`` is not tuned: it is what the learning rate you would use without
+  TALR does to this model at the start of QAT, and TALR then decays the
+  *rate of change* of the quantized network with a cosine, instead of the
+  learning rate.
+
+  Args:
+    total_steps: ``T``, the number of training steps (an int > 0).
+    measure_steps: ``W`` in ``[1, T]``; ``None``: the EMA horizon of
+      :func:`ema_momentum_for` (``T / 50`` in ``[10, 100]``, at most ``T``).
+
+  Returns:
+    A measured :class:`TargetSchedule`.
+  """
+  total_steps = _checks.check_int("total_steps", total_steps, 1)
+  if measure_steps is None:
+    measure_steps = min(total_steps, round(1.0 / (1.0 - ema_momentum_for(total_steps))))
+  measure_steps = _checks.check_int("measure_steps", measure_steps, 1, total_steps)
+  return TargetSchedule(optax.cosine_decay_schedule(1.0, total_steps), total_steps,
+                        measure_steps=measure_steps)

@@ -28,6 +28,7 @@ import optax
 
 from talr_optax import _checks
 from talr_optax import _layout
+from talr_optax import _stage
 from talr_optax import _tree
 from talr_optax import counting
 from talr_optax import schedules
@@ -51,6 +52,10 @@ _EPS = 1e-8
 _RATE_MAX = float(np.finfo(np.float32).max)
 
 
+@_stage.declare_state(
+    per_weight=("prev_levels",),
+    per_rate=("transition_rate", "ema_transition_rate", "target_transition_rate",
+              "initial_target_rate", "talr", "talr_scale"))
 class ScaleByTALRState(NamedTuple):
   """State of :func:`scale_by_talr` after update ``n`` (``talr_count = n + 1``).
 
@@ -66,6 +71,8 @@ class ScaleByTALRState(NamedTuple):
       changed.
     ema_transition_rate: ``K_(n+1)``, exponential moving average of ``k``.
     target_transition_rate: ``R(n+1)``, the target ``U_(n+1)`` was set for.
+    initial_target_rate: ``R_0``; with a measured target
+      (:func:`talr_optax.measured_target`), 0 until it is measured.
     talr: ``U_(n+1)``, the learning rate of the next update.
     talr_scale: ``c_(n+1)``, ``U / learning_rate`` (multiplicative rule; 1
       with the additive rule).
@@ -77,34 +84,25 @@ class ScaleByTALRState(NamedTuple):
   transition_rate: jax.Array
   ema_transition_rate: jax.Array
   target_transition_rate: jax.Array
+  initial_target_rate: jax.Array
   talr: jax.Array
   talr_scale: jax.Array
   rate_names: RateNames
 
 
+@_stage.declare_state(per_weight=("prev_levels",),
+                      per_rate=("transition_rate", "ema_transition_rate"))
 class TrackTransitionsState(NamedTuple):
-  """State of :func:`track_transitions` (fields as in :class:`ScaleByTALRState`)."""
+  """State of :func:`track_transitions` (fields as in :class:`ScaleByTALRState`).
 
+  ``tracking_count`` is the number of updates done (int32).
+  """
+
+  tracking_count: jax.Array
   prev_levels: Any
   transition_rate: jax.Array
   ema_transition_rate: jax.Array
   rate_names: RateNames
-
-
-def _as_schedule(value: ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
-  return value if callable(value) else (lambda count: value)
-
-
-def _check_target(value: ScalarOrSchedule, name: str) -> None:
-  """A rate in [0, 1], or a schedule whose value at step 0 is one (when concrete)."""
-  if not callable(value):
-    _checks.check_number(name, value, 0.0, 1.0)
-    return
-  x = _checks.concrete_float(value(jnp.asarray(0, jnp.int32)))
-  if x is not None and not 0.0 <= x <= 1.0:
-    raise ValueError(
-        f"{name} must be a rate in [0, 1] (a fraction of weights per step); it is a"
-        f" schedule whose value at step 0 is {x!r}.")
 
 
 def _sanitize_target(value: Any) -> jax.Array:
@@ -113,20 +111,16 @@ def _sanitize_target(value: Any) -> jax.Array:
   return jnp.clip(jnp.nan_to_num(r, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
-def _check_common(levels_fn: Any, ema_momentum: Any, sample_size: Any) -> None:
-  _checks.check_callable(
-      "levels_fn", levels_fn,
-      "a function params -> levels (under optax.inject_hyperparams pass"
-      " static_args=('levels_fn',): it treats callables as schedules)")
-  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
+def _target_schedule(value: ScalarOrSchedule, name: str, owner: str) -> _stage.Schedule:
+  """A rate in [0, 1] (a fraction of weights per step), or a schedule of one."""
+  return _stage.schedule(name, value, 0.0, 1.0, what="a rate", owner=owner)
+
+
+def _check_measure(levels_fn: Any, ema_momentum: Any, sample_size: Any, owner: str,
+                   callables: tuple[str, ...]) -> None:
+  _stage.check_levels_fn(levels_fn, owner=owner, callables=callables)
+  _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True, owner=owner)
   _checks.check_sample_size(sample_size)
-
-
-def _require_params(name: str, params: Any) -> None:
-  if params is None:
-    raise ValueError(
-        f"{name} counts the transitions its update causes, so it needs the params:"
-        " call tx.update(updates, state, params).")
 
 
 def _scale(g: jax.Array, lr: jax.Array) -> jax.Array:
@@ -222,23 +216,25 @@ def scale_by_talr(
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
     Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
   """
+  owner = "scale_by_talr"
   ema_momentum = schedules.resolve_ema_momentum(ema_momentum, target_transition_rate)
-  _check_talr_arguments(target_transition_rate, levels_fn, learning_rate, rule, ema_momentum,
-                        additive_step, granularity, fallback_learning_rate, layer_axes,
-                        sample_size)
-  target_fn = _as_schedule(target_transition_rate)
-  fallback_fn = None if fallback_learning_rate is None else _as_schedule(
-      fallback_learning_rate)
+  _check_talr_arguments(levels_fn, learning_rate, rule, ema_momentum, additive_step,
+                        granularity, layer_axes, sample_size)
+  target_fn = _target_schedule(target_transition_rate, "target_transition_rate", owner)
+  fallback_fn = None if fallback_learning_rate is None else _stage.schedule(
+      "fallback_learning_rate", fallback_learning_rate, 0.0, np.inf, low_open=True,
+      high_open=True, owner=owner)
   adapt = _adaptation(rule, ema_momentum, learning_rate,
                       eta=learning_rate if additive_step is None else additive_step)
-  measure = dict(layer_axes=layer_axes, sample_size=sample_size,
-                 global_rate=granularity == "global")
+  measuring = _Measuring.of(target_transition_rate)
+  prologue = _stage.Prologue(owner, ScaleByTALRState, levels_fn, layer_axes=layer_axes,
+                             sample_size=sample_size, global_rate=granularity == "global")
 
   def init_fn(params):
-    layout, levels = counting.init_levels(levels_fn, params, name="scale_by_talr", **measure)
+    layout, levels = prologue.init(params)
     if fallback_fn is None:
       _require_no_unquantized_leaf(layout, levels, params)
-    r0 = _sanitize_target(target_fn(jnp.asarray(0, jnp.int32)))
+    r0 = 0.0 if measuring else _sanitize_target(target_fn(jnp.asarray(0, jnp.int32)))
     # A separate buffer per field, so the state can be donated after init.
     fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
     return ScaleByTALRState(
@@ -247,6 +243,7 @@ def scale_by_talr(
         transition_rate=fill(0.0),
         ema_transition_rate=fill(r0),
         target_transition_rate=fill(r0),
+        initial_target_rate=fill(r0),
         talr=fill(jnp.asarray(learning_rate, RATE_DTYPE)),
         talr_scale=fill(1.0),
         rate_names=layout.rate_names,
@@ -254,15 +251,7 @@ def scale_by_talr(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _require_params("scale_by_talr", params)
-    if not isinstance(state, ScaleByTALRState):
-      raise ValueError(
-          f"state must be the ScaleByTALRState of this transformation, got"
-          f" {type(state).__name__}: was the state made by another optimizer?")
-    layout = _layout.build(jax.eval_shape(levels_fn, params), params, **measure)
-    _layout.check_state(layout, state.rate_names, state.prev_levels,
-                        (state.talr, state.talr_scale, state.ema_transition_rate),
-                        name="scale_by_talr", sample_size=sample_size)
+    layout = prologue.update(state, params, why="counts the transitions its update causes")
     n = state.talr_count
     fallback = None if fallback_fn is None else jnp.asarray(fallback_fn(n), RATE_DTYPE)
     # 1. The update, from U_n alone: it never waits for this step's count.
@@ -270,14 +259,20 @@ def scale_by_talr(
     # 2. The transitions it causes set U_(n+1), for the target R(n+1).
     k, prev_levels = counting.rates_since(
         layout, counting.levels_after(levels_fn, params, updates), state.prev_levels)
-    R = _sanitize_target(target_fn(optax.safe_increment(n)))
-    K, U, c = adapt(k, state.ema_transition_rate, state.talr, state.talr_scale, R)
+    n1 = optax.safe_increment(n)
+    K = _smooth(k, state.ema_transition_rate, n1, ema_momentum, measuring)
+    r0, R = _target(measuring, layout, target_fn, state.initial_target_rate, K, n1)
+    U, c = adapt(K, state.talr, state.talr_scale, R)
+    if measuring:  # no adaptation until R_0 is known: U stays at the base learning rate
+      U, c = (jnp.where(n1 < measuring.steps, old, new) for old, new in
+              ((state.talr, U), (state.talr_scale, c)))
     return updates, ScaleByTALRState(
-        talr_count=optax.safe_increment(n),
+        talr_count=n1,
         prev_levels=prev_levels,
         transition_rate=k,
         ema_transition_rate=K,
-        target_transition_rate=jnp.broadcast_to(R, K.shape),
+        target_transition_rate=R,
+        initial_target_rate=r0,
         talr=U,
         talr_scale=c,
         rate_names=state.rate_names,
@@ -286,11 +281,10 @@ def scale_by_talr(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_talr_arguments(target, levels_fn, learning_rate, rule, ema_momentum, additive_step,
-                          granularity, fallback_learning_rate, layer_axes, sample_size) -> None:
+def _check_talr_arguments(levels_fn, learning_rate, rule, ema_momentum, additive_step,
+                          granularity, layer_axes, sample_size) -> None:
   """The checks of :func:`scale_by_talr`'s arguments, each naming the argument."""
-  _check_target(target, "target_transition_rate")
-  _check_common(levels_fn, ema_momentum, sample_size)
+  _check_measure(levels_fn, ema_momentum, sample_size, "scale_by_talr", ("levels_fn",))
   _checks.check_number("learning_rate", learning_rate, 0.0, np.inf,
                        low_open=True, high_open=True)
   _checks.check_choice("rule", rule, ("multiplicative", "additive"))
@@ -306,21 +300,71 @@ def _check_talr_arguments(target, levels_fn, learning_rate, rule, ema_momentum, 
     raise ValueError(
         "layer_axes gives each layer its own rate, which granularity='global'"
         " pools into one: pass one or the other.")
-  if fallback_learning_rate is not None:
-    _checks.check_scalar_or_schedule("fallback_learning_rate", fallback_learning_rate)
+
+
+class _Measuring(NamedTuple):
+  """How a measured target (:func:`talr_optax.measured_target`) sets ``R_0``."""
+
+  steps: int
+  pooled: bool
+  fraction: float
+
+  @classmethod
+  def of(cls, target: Any) -> Optional["_Measuring"]:
+    if isinstance(target, schedules.TargetSchedule) and target.measured:
+      return cls(target.measure_steps, target.measure_pooled, target.measure_fraction)
+    return None
+
+
+def _smooth(k: jax.Array, K: jax.Array, n1: jax.Array, m: float,
+            measuring: Optional[_Measuring]) -> jax.Array:
+  """``K_(n+1)``: the EMA of ``k``; while a target is measured, the running mean of ``k``."""
+  ema = m * K + (1.0 - m) * k
+  if measuring:
+    mean = K + (k - K) / n1.astype(RATE_DTYPE)
+    ema = jnp.where(n1 <= measuring.steps, mean, ema)
+  return ema.astype(RATE_DTYPE)
+
+
+def _target(measuring: Optional[_Measuring], layout: _layout.Layout, target_fn: Any,
+            r0: jax.Array, K: jax.Array, n1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(R_0, R(n+1))`` per rate group.
+
+  A measured target takes ``R_0`` from ``K`` (the running mean of ``k``) after
+  update ``W - 1``: per group, or pooled weighted by the groups' sizes, times
+  ``fraction``, and at least one transition per group in the ``W`` updates.
+  Until then ``R`` is ``K`` itself.
+  """
+  shape = _sanitize_target(target_fn(n1))
+  if not measuring:
+    return r0, jnp.broadcast_to(shape, K.shape)
+  measured = K
+  if measuring.pooled:
+    sizes = np.array([q.weights_per_rate for q in layout.quantized for _ in range(q.num_rates)]
+                     if not layout.global_rate else [1.0], np.float64)
+    measured = jnp.broadcast_to(jnp.sum(K * jnp.asarray(sizes / sizes.sum(), RATE_DTYPE)),
+                                K.shape)
+  counted = np.array([q.counted_per_rate for q in layout.quantized for _ in range(q.num_rates)]
+                     if not layout.global_rate else
+                     [sum(q.counted_per_rate * q.num_rates for q in layout.quantized)],
+                     np.float64)
+  floor = jnp.asarray(1.0 / (counted * measuring.steps), RATE_DTYPE)
+  now = jnp.maximum(measuring.fraction * measured, floor).astype(RATE_DTYPE)
+  r0 = jnp.where(n1 == measuring.steps, now, r0)
+  R = jnp.where(n1 < measuring.steps, K, _sanitize_target(r0 * shape))
+  return r0, R.astype(RATE_DTYPE)
 
 
 def _adaptation(rule: str, m: float, learning_rate: Any, eta: Any):
-  """``(k_n, K_n, U_n, c_n, R(n+1)) -> (K_(n+1), U_(n+1), c_(n+1))`` of the rule."""
+  """``(K_(n+1), U_n, c_n, R(n+1)) -> (U_(n+1), c_(n+1))`` of the rule."""
 
-  def adapt(k, K, U, c, R):
-    K = m * K + (1.0 - m) * k
+  def adapt(K, U, c, R):
     if rule == "additive":
       U = jnp.maximum(0.0, U + eta * (R - K))
     else:
       c = jnp.minimum(m * c + (1.0 - m) * c * R / (K + _EPS), _RATE_MAX)
       U = jnp.minimum(learning_rate * c, _RATE_MAX)
-    return K.astype(RATE_DTYPE), U.astype(RATE_DTYPE), c.astype(RATE_DTYPE)
+    return U.astype(RATE_DTYPE), c.astype(RATE_DTYPE)
 
   return adapt
 
@@ -377,7 +421,9 @@ def track_transitions(
     levels_fn: as in :func:`scale_by_talr`.
     initial_rate: ``K_0`` in ``[0, 1]``, a float or a schedule whose value at
       step 0 is used. Pass the target given to :func:`scale_by_talr` so both
-      ``K`` start at ``R(0)``.
+      ``K`` start at ``R(0)``; with a measured target
+      (:func:`talr_optax.measured_target`) ``K`` is, like TALR's, the running
+      mean of ``k`` over its first updates, then the EMA.
     ema_momentum: EMA momentum ``m`` of ``K``, in ``[0, 1)``; ``None``: as in
       :func:`scale_by_talr`, from ``initial_rate``.
     layer_axes: as in :func:`scale_by_talr`.
@@ -387,17 +433,20 @@ def track_transitions(
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
     :class:`TrackTransitionsState`.
   """
-  _check_target(initial_rate, "initial_rate")
+  owner = "track_transitions"
   ema_momentum = schedules.resolve_ema_momentum(ema_momentum, initial_rate)
-  _check_common(levels_fn, ema_momentum, sample_size)
-  k0 = _as_schedule(initial_rate)(jnp.asarray(0, jnp.int32))
-  measure = dict(layer_axes=layer_axes, sample_size=sample_size, global_rate=False)
+  _check_measure(levels_fn, ema_momentum, sample_size, owner, ("levels_fn",))
+  measuring = _Measuring.of(initial_rate)
+  k0 = 0.0 if measuring else _target_schedule(initial_rate, "initial_rate", owner)(
+      jnp.asarray(0, jnp.int32))
+  prologue = _stage.Prologue(owner, TrackTransitionsState, levels_fn, layer_axes=layer_axes,
+                             sample_size=sample_size)
 
   def init_fn(params):
-    layout, levels = counting.init_levels(levels_fn, params, name="track_transitions",
-                                          **measure)
+    layout, levels = prologue.init(params)
     fill = lambda v: jnp.full((layout.num_rates,), v, RATE_DTYPE)
     return TrackTransitionsState(
+        tracking_count=jnp.zeros((), jnp.int32),
         prev_levels=layout.per_leaf(counting.counted(layout, levels)),
         transition_rate=fill(0.0),
         ema_transition_rate=fill(_sanitize_target(k0)),
@@ -406,14 +455,13 @@ def track_transitions(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _require_params("track_transitions", params)
+    require = "counts the transitions of the updates"
+    _stage.require_params(params, owner, require)
     levels = counting.levels_after(levels_fn, params, updates)
-    layout = _layout.build(levels, params, **measure)
-    _layout.check_state(layout, state.rate_names, state.prev_levels,
-                        (state.ema_transition_rate,), name="track_transitions",
-                        sample_size=sample_size)
+    layout = prologue.update(state, params, why=require, levels=levels)
     k, prev_levels = counting.rates_since(layout, levels, state.prev_levels)
-    K = (ema_momentum * state.ema_transition_rate + (1.0 - ema_momentum) * k).astype(RATE_DTYPE)
-    return updates, TrackTransitionsState(prev_levels, k, K, state.rate_names)
+    n1 = optax.safe_increment(state.tracking_count)
+    K = _smooth(k, state.ema_transition_rate, n1, ema_momentum, measuring)
+    return updates, TrackTransitionsState(n1, prev_levels, k, K, state.rate_names)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

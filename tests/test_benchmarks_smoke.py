@@ -23,8 +23,7 @@ sys.path.insert(0, str(BENCH))
 
 import _harness as H  # noqa: E402  pylint: disable=wrong-import-position
 
-# k, K, R, U, c: five float32 per rate group.
-RATE_BYTES = 5 * 4
+RATE_BYTES = 6 * 4  # k, K, R, R_0, U, c: float32 each
 COUNT_BYTES = 4
 
 

@@ -125,9 +125,74 @@ def test_bad_input():
   with pytest.raises(ValueError, match="no quantized leaf"):
     talr.dampen_oscillations(lambda p: {"w": None}, 0.1).init(params)
   tx = talr.dampen_oscillations(centers_fn, 0.1)
-  with pytest.raises(ValueError, match="needs them"):
+  with pytest.raises(ValueError, match="needs the params"):
     tx.update(params, tx.init(params))
   with pytest.raises(ValueError, match="structure of the scales"):
     centers_fn({"v": jnp.ones(2)})
   with pytest.raises(ValueError, match="step size"):
     talr.centers_fn_from_scales({"w": 0.0}, 2)
+
+
+def _authors_term(w, w_q, aggregation):
+  """The reference code's ``dampening_loss`` on a PyTorch-layout (out-first) kernel, NumPy.
+
+  ``w`` is already clipped to the quantizer's range; ``w_q`` its quantized value.
+  """
+  loss = (w_q - w) ** 2
+  if aggregation == "sum":
+    return loss.sum()
+  if aggregation == "mean":
+    return loss.mean()
+  return loss.sum(0).mean()  # kernel_mean
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "mean", "kernel_mean"])
+def test_aggregations_are_the_authors_terms(aggregation):
+  """The added gradient equals jax.grad of the authors' term (per layer when stacked)."""
+  rng = np.random.default_rng(4)
+  # A conv kernel (kh, kw, in, out), a dense kernel and 3 stacked dense layers (L, in, out).
+  params = {"conv": jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32),
+            "dense": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32),
+            "stack": jnp.asarray(rng.normal(size=(3, 5, 2)), jnp.float32)}
+  scales = {k: 2.5 for k in params}  # no weight past the outer levels
+  centers_fn = talr.centers_fn_from_scales(scales, 2)
+  axes = None if aggregation == "sum" else {"conv": None, "dense": None, "stack": 0}
+  lam = 0.3
+  tx = talr.dampen_oscillations(centers_fn, lam, aggregation=aggregation, layer_axes=axes)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  out, _ = tx.update(zeros, tx.init(params), params)
+  centers = jax.lax.stop_gradient(centers_fn(params))
+
+  def term(p):
+    total = 0.0
+    for name in ("conv", "dense"):
+      # Flax (..., in, out) -> PyTorch (out, in, ...): the output axis first.
+      w = jnp.moveaxis(p[name], -1, 0)
+      total += _authors_term(w, jnp.moveaxis(centers[name], -1, 0), aggregation)
+    for layer in range(3):
+      w, c = p["stack"][layer].T, centers["stack"][layer].T
+      total += (_authors_term(w, c, aggregation) if aggregation != "sum"
+                else _authors_term(w, c, "sum"))
+    return lam * total
+
+  want = jax.grad(term)(params)
+  for name in params:
+    np.testing.assert_allclose(out[name], want[name], rtol=1e-5, atol=1e-7)
+  # kernel_mean is the sum divided by the fan-in: 36 for the conv, 5 for the others.
+  if aggregation == "kernel_mean":
+    plain = talr.dampen_oscillations(centers_fn, lam)
+    summed, _ = plain.update(zeros, plain.init(params), params)
+    np.testing.assert_allclose(out["conv"], summed["conv"] / 36, rtol=1e-6)
+    np.testing.assert_allclose(out["stack"], summed["stack"] / 5, rtol=1e-6)
+
+
+def test_aggregation_arguments_are_checked():
+  centers_fn = talr.centers_fn_from_scales({"w": 1.0}, 2)
+  levels_fn = talr.levels_fn_from_scales({"w": 1.0}, 2)
+  with pytest.raises(ValueError, match="aggregation must be one of"):
+    talr.dampen_oscillations(centers_fn, 0.1, aggregation="kernel")
+  with pytest.raises(ValueError, match="with aggregation='sum' it would be ignored"):
+    talr.dampen_oscillations(centers_fn, 0.1, layer_axes={"w": 0})
+  params = {"w": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match="returned int8 values at 'w'.*levels_fn passed as"):
+    talr.dampen_oscillations(levels_fn, 0.1).init(params)

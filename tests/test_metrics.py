@@ -10,7 +10,8 @@ import pytest
 
 import talr_optax
 
-FIELDS = ("talr", "transition_rate", "ema_transition_rate", "target_transition_rate")
+FIELDS = ("talr", "talr_scale", "transition_rate", "ema_transition_rate",
+          "target_transition_rate", "initial_target_rate")
 MONITOR_FIELDS = ("transition_rate", "ema_transition_rate")
 Q_PATHS = ("layer1/w", "layer2/w")
 
@@ -404,3 +405,28 @@ def test_every_value_of_twelve_stacked_layers_is_its_own_layer():
   for i in range(layers):
     np.testing.assert_allclose(out[f"oscillation_rate/w[{i}]"], k[i], rtol=1e-6)
     np.testing.assert_allclose(out[f"transition_rate/w[{i}]"], k[i], rtol=1e-6)
+
+
+def test_a_new_declared_state_is_reported_without_a_list_to_update():
+  """metrics and check_restorable read each state's declaration of its fields."""
+  from talr_optax import _stage  # pylint: disable=import-outside-toplevel
+
+  @_stage.declare_state(per_weight=("probe_levels",), per_rate=("probe_rate",))
+  class ProbeState(typing.NamedTuple):
+    probe_levels: typing.Any
+    probe_rate: jax.Array
+    rate_names: talr_optax.RateNames
+
+  try:
+    state = (optax.EmptyState(), ProbeState({"w": jnp.zeros(4, jnp.int8)},
+                                            jnp.asarray([0.25, 0.5]),
+                                            talr_optax.RateNames(("a", "b[0]"))))
+    assert talr_optax.metrics(state) == {"probe_rate/a": 0.25, "probe_rate/b[0]": 0.5}
+    bigger = (state[0], state[1]._replace(probe_rate=jnp.zeros(3)))
+    with pytest.raises(ValueError, match="layer_axes or granularity differs"):
+      talr_optax.check_restorable(state, bigger)
+    sampled = (state[0], state[1]._replace(probe_levels={"w": jnp.zeros(2, jnp.int8)}))
+    with pytest.raises(ValueError, match="sample_size differs"):
+      talr_optax.check_restorable(state, sampled)
+  finally:
+    _stage.STATE_CLASSES.remove(ProbeState)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -427,3 +428,93 @@ def test_inject_hyperparams_with_a_layer_axes_pytree_needs_nothing_static():
   state = tx.init(p)
   assert state.inner_state[-1].rate_names.names == tuple(f"w[{i}]" for i in range(4))
   tx.update(p, state, p)
+
+
+@pytest.mark.parametrize("pooled,fraction", [(False, 1.0), (True, 0.5)])
+def test_measured_target_takes_r0_from_the_first_updates(pooled, fraction):
+  """U stays at lr while R_0 is measured; then R_0 = mean k, and R is its cosine."""
+  rng = np.random.default_rng(3)
+  params = {"a": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)}
+  levels_fn = talr.levels_fn_from_scales({"a": 1.0, "b": 1.0}, 2)
+  steps, W, lr, m = 30, 6, 0.05, 0.9
+  target = dataclasses.replace(talr.measured_target(steps, measure_steps=W),
+                               measure_pooled=pooled, measure_fraction=fraction)
+  tx = talr.scale_by_talr(target, levels_fn, learning_rate=lr, ema_momentum=m)
+  state = tx.init(params)
+  assert float(state.initial_target_rate[0]) == 0.0
+  update = jax.jit(tx.update)
+  ks, Us = [], []
+  for n in range(steps):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    upd, state = update(g, state, params)
+    params = optax.apply_updates(params, upd)
+    ks.append(np.asarray(state.transition_rate, np.float64))
+    Us.append(np.asarray(state.talr))
+    n1 = n + 1
+    mean = np.mean(ks, axis=0) if n1 <= W else None
+    if n1 < W:  # measuring: K is the running mean, R follows it, U does not move
+      np.testing.assert_allclose(state.ema_transition_rate, mean, rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(state.target_transition_rate, state.ema_transition_rate)
+      np.testing.assert_array_equal(state.talr, np.float32([lr, lr]))
+    if n1 == W:
+      sizes = np.array([128.0, 16.0])
+      r0 = np.full(2, mean @ sizes / sizes.sum()) if pooled else mean
+      r0 = np.maximum(fraction * r0, 1.0 / (np.array([128.0, 16.0]) * W))
+      np.testing.assert_allclose(state.initial_target_rate, r0, rtol=1e-5)
+      measured = np.asarray(state.initial_target_rate)
+    if n1 >= W:
+      shape = 0.5 * (1 + np.cos(np.pi * n1 / steps))
+      np.testing.assert_allclose(state.target_transition_rate, measured * shape, rtol=1e-5,
+                                 atol=1e-9)
+      np.testing.assert_allclose(state.initial_target_rate, measured)
+  assert np.all(measured > 0)
+  assert not np.allclose(Us[-1], lr), "TALR adapts U after the measurement"
+  # The EMA after W: K_(n+1) = m K_n + (1 - m) k_n.
+  assert update._cache_size() == 1
+
+
+def test_measured_target_with_no_transitions_keeps_a_floor():
+  """A base rate that moves no weight in W updates gives R_0 = one transition per group."""
+  params = {"w": jnp.full((10,), 0.1)}
+  levels_fn = talr.levels_fn_from_scales({"w": 1.0}, 2)
+  tx = talr.scale_by_talr(talr.measured_target(20, measure_steps=4), levels_fn,
+                          learning_rate=1e-6)
+  state = tx.init(params)
+  for _ in range(4):
+    upd, state = tx.update({"w": jnp.ones(10)}, state, params)
+    params = optax.apply_updates(params, upd)
+  np.testing.assert_allclose(state.initial_target_rate, [1 / (10 * 4)], rtol=1e-6)
+
+
+def test_a_baseline_monitor_measures_k_like_talr():
+  """track_transitions with a measured target: K is the running mean, then the EMA."""
+  rng = np.random.default_rng(4)
+  params = {"w": jnp.asarray(rng.normal(size=(32,)), jnp.float32)}
+  levels_fn = talr.levels_fn_from_scales({"w": 1.0}, 2)
+  W, m = 5, 0.8
+  tx = optax.chain(optax.sgd(0.1), talr.track_transitions(
+      levels_fn, talr.measured_target(40, measure_steps=W), ema_momentum=m))
+  state = tx.init(params)
+  assert float(state[1].ema_transition_rate[0]) == 0.0
+  ks, K = [], 0.0
+  for n in range(12):
+    upd, state = tx.update({"w": jnp.asarray(rng.normal(size=32), jnp.float32)}, state, params)
+    params = optax.apply_updates(params, upd)
+    ks.append(float(state[1].transition_rate[0]))
+    K = np.mean(ks) if n + 1 <= W else m * K + (1 - m) * ks[-1]
+    np.testing.assert_allclose(state[1].ema_transition_rate, [K], rtol=1e-5, atol=1e-8)
+  assert int(state[1].tracking_count) == 12
+
+
+def test_measured_target_arguments():
+  with pytest.raises(ValueError, match="measure_steps must be an integer in"):
+    talr.measured_target(10, measure_steps=11)
+  with pytest.raises(ValueError, match="total_steps"):
+    talr.measured_target(0)
+  assert talr.measured_target(2000).measure_steps == 40  # the EMA horizon T / 50
+  assert talr.measured_target(5).measure_steps == 5
+  with pytest.raises(ValueError, match="measure_fraction"):
+    dataclasses.replace(talr.measured_target(100), measure_fraction=0.0)
+  target = talr.measured_target(100)
+  assert float(target(0)) == pytest.approx(1.0) and float(target(100)) == pytest.approx(0.0)
