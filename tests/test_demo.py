@@ -193,11 +193,18 @@ def test_progress_in_a_file_prints_plain_lines(capsys):
 def test_train_arm_refuses_what_a_task_does_not_do():
   from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"method must be one of \('sgd', 'talr'\), got 'adam'"):
-    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="adam")
+    demo.train_arm("digits", None, None, None, bits=2, seed=0, method="adam")
   with pytest.raises(ValueError, match="lr_scale must be 1 on the image tasks"):
-    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="sgd", lr_scale=3.0)
+    demo.train_arm("digits", None, None, None, bits=2, seed=0, method="sgd", lr_scale=3.0)
   with pytest.raises(ValueError, match="task must be 'digits' or 'lm', got 'cifar'"):
-    runner.task_of("cifar")
+    demo.task_of("cifar")
+  # The runner takes the task itself: it imports no task module to look a name up.
+  with pytest.raises(TypeError, match=r"task must be a TaskDef .*got 'digits'.*"
+                                      r"talr_optax\.demo\.task_of"):
+    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="sgd")
+  with pytest.raises(TypeError, match="task must be a TaskDef"):
+    runner.run("lm", None)
+  assert demo.task_of("digits").name == "digits"
 
 
 def _opt_states(opt_state):
