@@ -1,5 +1,6 @@
 """The demo (``talr_optax.demo``): flag checks, the run store, tiny end-to-end runs."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -193,11 +194,18 @@ def test_progress_in_a_file_prints_plain_lines(capsys):
 def test_train_arm_refuses_what_a_task_does_not_do():
   from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"method must be one of \('sgd', 'talr'\), got 'adam'"):
-    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="adam")
+    demo.train_arm("digits", None, None, None, bits=2, seed=0, method="adam")
   with pytest.raises(ValueError, match="lr_scale must be 1 on the image tasks"):
-    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="sgd", lr_scale=3.0)
+    demo.train_arm("digits", None, None, None, bits=2, seed=0, method="sgd", lr_scale=3.0)
   with pytest.raises(ValueError, match="task must be 'digits' or 'lm', got 'cifar'"):
-    runner.task_of("cifar")
+    demo.task_of("cifar")
+  # The runner takes the task itself: it imports no task module to look a name up.
+  with pytest.raises(TypeError, match=r"task must be a TaskDef .*got 'digits'.*"
+                                      r"talr_optax\.demo\.task_of"):
+    runner.train_arm("digits", None, None, None, bits=2, seed=0, method="sgd")
+  with pytest.raises(TypeError, match="task must be a TaskDef"):
+    runner.run("lm", None)
+  assert demo.task_of("digits").name == "digits"
 
 
 def _opt_states(opt_state):
@@ -464,3 +472,90 @@ def test_the_library_never_imports_the_demo():
   assert len(library) > 10
   pattern = re.compile(r"talr_optax\.demo|from talr_optax import .*\bdemo\b|from \.+ import demo")
   assert [str(p) for p in library if pattern.search(p.read_text())] == []
+
+
+def _demo_imports() -> dict[str, set[str]]:
+  """``{module: demo modules it imports}`` over ``talr_optax/demo/*.py``.
+
+  Counts ``import`` statements at any depth (module level, in functions, under
+  ``TYPE_CHECKING``), relative ones too, and ``importlib.import_module`` of a
+  literal name. The package's own ``__init__`` (run first by every submodule
+  import) is left out of the edges: its lazy exports point down, never back.
+  """
+  package = ROOT / "talr_optax" / "demo"
+  names = {p.stem for p in package.glob("*.py")} - {"__init__"}
+
+  def demo_module(dotted: str) -> str | None:
+    parts = dotted.split(".")
+    if parts[:2] == ["talr_optax", "demo"] and len(parts) > 2 and parts[2] in names:
+      return parts[2]
+    return None
+
+  graph = {}
+  for path in sorted(package.glob("*.py")):
+    targets = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.Import):
+        targets += [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:  # relative to talr_optax.demo (level 1) or above
+          parent = ["talr_optax", "demo"][:3 - node.level]
+          base = ".".join(parent + ([base] if base else []))
+        targets += [base] + [f"{base}.{a.name}" for a in node.names]
+      elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+            and node.args and isinstance(node.args[0], ast.Constant)):
+        targets.append(str(node.args[0].value))
+    graph[path.stem] = {m for t in targets if (m := demo_module(t))} - {path.stem}
+  return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import cycle of ``graph`` as ``[a, b, ..., a]``, or None."""
+  done, path = set(), []
+
+  def visit(node: str) -> list[str] | None:
+    if node in path:
+      return path[path.index(node):] + [node]
+    if node in done:
+      return None
+    path.append(node)
+    for child in sorted(graph.get(node, ())):
+      if found := visit(child):
+        return found
+    path.pop()
+    done.add(node)
+    return None
+
+  for node in sorted(graph):
+    if found := visit(node):
+      return found
+  return None
+
+
+def test_cycle_finder_names_a_cycle():
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+  assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_demo_has_no_import_cycle():
+  graph = _demo_imports()
+  # The parse sees imports at every level: the tasks use the runner, the
+  # entry point reaches the command line.
+  assert {"runner", "train"} <= graph["runs"] and "runner" in graph["lm_train"]
+  assert graph["__main__"] == {"cli"}
+  cycle = _cycle(graph)
+  assert cycle is None, f"import cycle in talr_optax/demo: {' -> '.join(cycle)}"
+
+
+def test_help_imports_none_of_the_demo_extra():
+  # --help parses every flag's text but runs nothing: no Flax, no plotting.
+  code = ("import sys\nfrom talr_optax.demo import cli\ntry:\n  cli.main(['--help'])\n"
+          "except SystemExit:\n  pass\n"
+          "print(sorted(m for m in ('flax', 'matplotlib', 'rich', 'sklearn', 'orbax') "
+          "if m in sys.modules))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "usage: python -m talr_optax.demo" in proc.stdout
+  assert proc.stdout.splitlines()[-1] == "[]"

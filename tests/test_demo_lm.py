@@ -250,14 +250,14 @@ def test_both_arms_count_one_rate_per_layer_on_the_sampled_grid(method):
 
 
 def test_train_arm_of_the_lm_task_for_a_study():
-  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
-  task = runner.task_of("lm")
+  from talr_optax import demo  # pylint: disable=import-outside-toplevel
+  task = demo.task_of("lm")
   cfg = lm_config.LMConfig(steps=8, fp_steps=4, eval_every=4, eval_windows=8, width=16,
                            context=16, batch_size=4)
   data = task.load(cfg)
   fp_model = task.pretrain(cfg, data, 0, None)
-  record = runner.train_arm("lm", cfg, data, fp_model, bits=2, seed=1, method="sgd",
-                            lr_scale=3.0)
+  record = demo.train_arm("lm", cfg, data, fp_model, bits=2, seed=1, method="sgd",
+                          lr_scale=3.0)
   assert (record["bits"], record["seed"], record["method"]) == (2, 1, "sgd")
   assert record["evals"]["step"] == [4, 8]
   assert record["final_bits_per_byte"] == record["evals"]["bits_per_byte"][-1]

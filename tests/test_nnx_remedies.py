@@ -170,3 +170,74 @@ def test_reestimate_batch_norm_bad_input():
                jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))))
   with pytest.raises(ValueError, match="no nnx.BatchNorm"):
     tnnx.reestimate_batch_norm(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), [jnp.ones((1, 2))])
+
+
+@pytest.mark.parametrize("to_array", [jnp.asarray, np.asarray], ids=["jax", "numpy"])
+def test_reestimate_batch_norm_refuses_one_array_for_batches(to_array):
+  model = _calibrated_tiny()
+  stats = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+  # Iterating one batch would pass single images: refuse it and say how to wrap it.
+  with pytest.raises(TypeError, match=r"batches must be an iterable of batches, got one "
+                     r"array of shape \(4, 5, 5, 1\).*\[x\]"):
+    tnnx.reestimate_batch_norm(model, to_array(T.X))
+  jax.tree.map(np.testing.assert_array_equal, stats,
+               jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))))
+
+
+@pytest.mark.parametrize("batch, kind", [((T.X, T.Y), "tuple"), ([T.X, T.Y], "list"),
+                                         ({"image": T.X}, "dict")],
+                         ids=["tuple", "list", "dict"])
+def test_reestimate_batch_norm_names_a_loader_batch_without_forward(batch, kind):
+  model = _calibrated_tiny()
+  with pytest.raises(TypeError, match=rf"batch 0 is a {kind}, not an array.*forward=lambda "
+                                      r"m, b: m\(b\[0\]\)"):
+    tnnx.reestimate_batch_norm(model, [batch])
+  # With forward, such batches are what it is for.
+  forward = (lambda m, b: m(b["image"])) if kind == "dict" else (lambda m, b: m(b[0]))
+  assert tnnx.reestimate_batch_norm(model, [batch, batch], forward=forward) == 2
+
+
+def _modes(model):
+  return [(path, name, getattr(module, name)) for path, module in nnx.iter_modules(model)
+          for name in ("deterministic", "use_running_average", "momentum")
+          if hasattr(module, name)]
+
+
+def _failing_forward(fail_on):
+  calls = []
+
+  def forward(m, b):
+    calls.append(1)
+    if len(calls) == fail_on:
+      raise RuntimeError(f"forward call {fail_on} fails")
+    return m(b)
+
+  return forward
+
+
+def _batches_then(error):
+  yield T.X
+  yield 2.0 * T.X + 1.0
+  raise error
+
+
+@pytest.mark.parametrize("case", ["forward_raises", "iterator_raises", "interrupt"])
+def test_reestimate_batch_norm_failing_later_batch_restores_the_model(case):
+  model = _calibrated_tiny()
+  model.train()  # modes the call changes (it runs in eval mode)
+  model.bn1.momentum, model.bn2.momentum = 0.8, 0.7
+  model.bn1.mean[...] = jnp.full((3,), 0.25)
+  stats = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+  modes = _modes(model)
+  assert ("bn1",) in [p for p, name, _ in modes if name == "use_running_average"]
+  if case == "forward_raises":
+    # Each new batch shape traces forward again: its 2nd call is the 2nd batch.
+    batches, forward, error = [T.X, T.X[:3], T.X[:2]], _failing_forward(2), RuntimeError
+  else:
+    error = KeyboardInterrupt if case == "interrupt" else OSError
+    batches, forward = _batches_then(error("the loader fails at batch 3")), None
+  with pytest.raises(error):
+    tnnx.reestimate_batch_norm(model, batches, forward=forward)
+  jax.tree.map(np.testing.assert_array_equal, stats,
+               jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))))
+  assert _modes(model) == modes

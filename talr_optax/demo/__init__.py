@@ -27,9 +27,9 @@ One runner, two tasks. :mod:`~talr_optax.demo.runner` holds what every task
 shares, once: the per-step traces, the record of a QAT run (tracking error,
 late oscillation frequency, md2tp histogram), the summary over seeds, the
 progress display, writing the results, and :func:`~talr_optax.demo.runner.train_arm`
-(one arm of a task for one seed, for scripts that study the demo's runs).
-A task contributes its data, model, optimizer arms, training step and the
-order of its runs:
+(one arm of a task for one seed, for scripts that study the demo's runs; by
+name as ``talr_optax.demo.train_arm``). A task contributes its data, model,
+optimizer arms, training step and the order of its runs:
 
 * the image tasks (``--dataset digits`` or ``cifar10``):
   :mod:`~talr_optax.demo.runs` (their runs), :mod:`~talr_optax.demo.tasks`
@@ -42,7 +42,15 @@ order of its runs:
   (settings, flags), :mod:`~talr_optax.demo.lm_data` (the standard library's
   bytes), :mod:`~talr_optax.demo.lm_train` (model, arms, step, one run).
 
-:mod:`~talr_optax.demo.cli` checks every flag before any work, and
+Who imports whom, top down, with no circle: :mod:`~talr_optax.demo.cli`
+(imported by ``__main__``) checks every flag before any work and chooses the
+task by name (:func:`~talr_optax.demo.cli.task_of`); it imports the task's
+module (``runs`` or ``lm_runs``) only then, inside a function. A task module
+imports its training module (``train``, ``lm_train``) and the runner, and
+hands the runner its ``TASK``; the training modules import the runner's
+shared parts too; the runner imports none of them (only ``export``,
+``plots``, ``store`` and ``config``). This package's ``__init__`` imports its
+public names from their modules on first use.
 :mod:`~talr_optax.demo.plots` draws the figures. The library never imports
 this package; the data loaders need neither Flax nor Orbax. Without the
 ``demo`` extra (Flax, scikit-learn, matplotlib, rich, Orbax) the command
@@ -59,9 +67,9 @@ _EXPORTS = {
     "build_parser": "cli",
     "config_from_args": "cli",
     "main": "cli",
-    "run": "runner",
-    "train_arm": "runner",
-    "task_of": "runner",
+    "run": "cli",
+    "train_arm": "cli",
+    "task_of": "cli",
     "RunStore": "store",
     "Interrupted": "train",
 }

@@ -9,6 +9,17 @@ The one check that needs the data (``--batch-size`` against the
 training-set size) runs as soon as the data is loaded, before any training,
 with the same status. Without the ``demo`` extra the command says which
 modules are missing and how to install them (status 1).
+
+The command line also chooses the task: :func:`task_of` names each task's
+module (``digits``: :mod:`~talr_optax.demo.runs`, ``lm``:
+:mod:`~talr_optax.demo.lm_runs`), and :func:`run` and :func:`train_arm` hand
+that task to the runner (also as ``talr_optax.demo.task_of``, ``run`` and
+``train_arm``, for scripts). Who imports whom: this module imports the
+settings (:mod:`~talr_optax.demo.config`, :mod:`~talr_optax.demo.lm_config`,
+:mod:`~talr_optax.demo.tasks`, :mod:`~talr_optax.demo.store`) at the top, and
+the runner and the task modules, which import Flax, only inside those
+functions, once the flags are checked: ``--help`` imports none of them.
+Nothing in the package imports this module but ``__main__``.
 """
 
 from __future__ import annotations
@@ -18,12 +29,15 @@ import importlib.util
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from talr_optax import _checks
 from talr_optax.demo import lm_config, store
 from talr_optax.demo.config import BASE_LR, QUICK_EPOCHS, DemoConfig, UsageError
 from talr_optax.demo.tasks import MODELS, TASKS, Task
+
+if TYPE_CHECKING:  # the runner imports Flax: at run time only inside the functions below
+  from talr_optax.demo.runner import Progress, TaskDef
 
 PROG = "python -m talr_optax.demo"
 BITS = (1, 2, 3, 4, 8)
@@ -231,6 +245,91 @@ def missing_modules(cfg: DemoConfig | lm_config.LMConfig) -> list[str]:
   return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
+# ---------------------------------------------------------------------------
+# The task of a run, by name
+
+
+def task_of(name: str) -> TaskDef:
+  """The task called ``name``, from the module that defines it.
+
+  Args:
+    name: ``"digits"`` (the image tasks, ``--dataset digits`` or ``cifar10``)
+      or ``"lm"`` (``--task lm``).
+
+  Returns:
+    The task's :class:`~talr_optax.demo.runner.TaskDef`.
+
+  Raises:
+    ValueError: another name.
+  """
+  # Imported here, not at the top: the task modules import Flax.
+  if name == "lm":
+    from talr_optax.demo import lm_runs  # pylint: disable=import-outside-toplevel
+    return lm_runs.TASK
+  if name == "digits":
+    from talr_optax.demo import runs  # pylint: disable=import-outside-toplevel
+    return runs.TASK
+  raise ValueError(f"task must be 'digits' or 'lm', got {name!r}")
+
+
+def run(cfg: DemoConfig | lm_config.LMConfig, **procedure_kwargs: Any) -> dict[str, Any]:
+  """Runs the whole demo of ``cfg``'s task (see :func:`talr_optax.demo.runner.run`).
+
+  Args:
+    cfg: a ``DemoConfig`` (image tasks) or an ``LMConfig`` (``cfg.task``).
+    **procedure_kwargs: passed to the task's procedure (test hooks).
+
+  Returns:
+    The results, as written to ``results.json``.
+
+  Raises:
+    UsageError: a flag does not fit the data (checked before any training).
+    FileNotFoundError, ValueError: missing or corrupt data or checkpoints.
+  """
+  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
+  return runner.run(task_of(getattr(cfg, "task", "digits")), cfg, **procedure_kwargs)
+
+
+def train_arm(task: str | TaskDef, cfg: Any, data: Any, fp_model: Any, *, bits: int,
+              seed: int, method: str, lr_scale: float = 1.0,
+              progress: Progress | None = None) -> dict[str, Any]:
+  """One arm of a task for one seed, the task by name (:func:`talr_optax.demo.runner.train_arm`).
+
+  For example, the language model's AdamWT at 2 bits for 500 steps::
+
+    from talr_optax.demo import task_of, train_arm
+    from talr_optax.demo.lm_config import LMConfig
+    cfg = LMConfig(steps=500)
+    data = task_of("lm").load(cfg)
+    fp_model = task_of("lm").pretrain(cfg, data, 0, None)
+    record = train_arm("lm", cfg, data, fp_model, bits=2, seed=0, method="talr")
+    record["final_bits_per_byte"], record["trace"]["K"]
+
+  Args:
+    task: ``"digits"``, ``"lm"`` (see :func:`task_of`) or a ``TaskDef``.
+    cfg: the task's settings; the run's length is ``cfg.epochs`` or ``cfg.steps``.
+    data: ``task.load(cfg)``.
+    fp_model: ``task.pretrain(...)``'s model; not modified.
+    bits: weight (and, on images, activation) bits.
+    seed: seed of the data order.
+    method: ``"sgd"`` (the baseline) or ``"talr"``.
+    lr_scale: the baseline's multiple of the base learning rate (language
+      model only).
+    progress: shows the run's progress (``None``: silent).
+
+  Returns:
+    The run's record, as in ``results.json``'s ``runs``.
+
+  Raises:
+    TypeError: ``task`` is neither a name nor a ``TaskDef``.
+    ValueError: an unknown task or method, or ``lr_scale`` != 1 on images.
+  """
+  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
+  task = task_of(task) if isinstance(task, str) else task
+  return runner.train_arm(task, cfg, data, fp_model, bits=bits, seed=seed, method=method,
+                          lr_scale=lr_scale, progress=progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the demo; 0 on success, 1 for missing or corrupt files, 2 for bad flags."""
   parser = build_parser()
@@ -239,9 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: the demo needs {', '.join(missing)}, not installed here; install the "
           f"demo extra: {EXTRA}", file=sys.stderr)
     return 1
-  from talr_optax.demo import runner  # pylint: disable=import-outside-toplevel
   try:
-    runner.run(cfg)
+    run(cfg)
   except UsageError as e:
     parser.error(str(e))
   except (OSError, ValueError) as e:

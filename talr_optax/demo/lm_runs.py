@@ -17,6 +17,11 @@ summary, every run with its per-step traces) and six figures. The model, data,
 optimizer arms and step are in :mod:`~talr_optax.demo.lm_train`; what every
 task shares (progress, record, summary, output) in
 :mod:`~talr_optax.demo.runner`.
+
+Who imports whom: this module imports the runner and
+:mod:`~talr_optax.demo.lm_train`, and hands the runner :data:`TASK`; the
+runner never imports it. :func:`talr_optax.demo.cli.task_of` imports it when
+a run needs it (it imports Flax).
 """
 
 from __future__ import annotations
@@ -153,7 +158,7 @@ def run(cfg: LMConfig) -> dict[str, Any]:
   Returns:
     The results, as written to ``results.json``.
   """
-  return runner.run(cfg)
+  return runner.run(TASK, cfg)
 
 
 def print_tables(cfg: LMConfig, results: dict[str, Any]) -> None:

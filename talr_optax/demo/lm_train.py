@@ -7,6 +7,10 @@ program, not constants baked in per run; the baseline's learning-rate
 multiple is an input too. A run of another seed or learning rate then reuses
 the program compiled for the first one, which on a CPU saves several seconds
 per run.
+
+Who imports whom: :mod:`~talr_optax.demo.lm_runs` imports this module; this
+module imports the runner's shared parts (traces, record, progress) from
+:mod:`~talr_optax.demo.runner`, which never imports it.
 """
 
 from __future__ import annotations
@@ -310,7 +314,7 @@ def _final_groups(opt_state: Any) -> dict[str, dict[str, float]]:
 def run_qat(cfg: LMConfig, data: LMData, fp_model: nnx.Module, bits: int, seed: int,
             method: str, lr_scale: float = 1.0, progress: Progress | None = None
             ) -> dict[str, Any]:
-  """One QAT run from ``fp_model`` (use it through ``runner.train_arm``).
+  """One QAT run from ``fp_model`` (use it through ``talr_optax.demo.train_arm``).
 
   Both methods of a seed draw the same training windows (the same ``rng``
   seed), so their difference is the optimizer's alone.

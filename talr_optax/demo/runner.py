@@ -1,10 +1,9 @@
 """The runner every task shares: one run per arm, the record, summary, output.
 
-A task (a :class:`TaskDef`, from :func:`task_of`: the image classifiers of
-:mod:`~talr_optax.demo.runs`, the language model of
-:mod:`~talr_optax.demo.lm_runs`) contributes its data, model, optimizer arms
-and training step, and the order of its runs. The runner holds what does not
-depend on the task, once:
+A task (a :class:`TaskDef`: the image classifiers' ``runs.TASK``, the
+language model's ``lm_runs.TASK``) contributes its data, model, optimizer
+arms and training step, and the order of its runs. The runner holds what does
+not depend on the task, once:
 
 * :func:`append_traces`: the per-step traces (``k``, ``K``, ``R``, ``U``,
   ``lr``, ``loss``, ``osc``) from the metrics of the compiled steps;
@@ -17,6 +16,15 @@ depend on the task, once:
   print the tables;
 * :func:`train_arm`: one arm of one task for one seed, from a pretrained
   model, for scripts that study the demo's runs (see its docstring).
+
+Who imports whom: the task modules (:mod:`~talr_optax.demo.runs`,
+:mod:`~talr_optax.demo.lm_runs`) and their training modules
+(:mod:`~talr_optax.demo.train`, :mod:`~talr_optax.demo.lm_train`) import this
+module; it imports none of them (only :mod:`~talr_optax.demo.export`,
+:mod:`~talr_optax.demo.plots`, :mod:`~talr_optax.demo.store` and
+:mod:`~talr_optax.demo.config`), so :func:`run` and :func:`train_arm` take the
+task itself. The command line picks a task by name
+(:func:`talr_optax.demo.cli.task_of`, also ``talr_optax.demo.task_of``).
 
 Terms printed in the tables (:data:`TERMS`):
 
@@ -372,35 +380,27 @@ class TaskDef:
   descending_bits: bool = False
 
 
-def task_of(name: str) -> TaskDef:
-  """The task called ``name`` (``"digits"``: the image tasks; ``"lm"``)."""
-  # The definitions import Flax: only when a task is used.
-  if name == "lm":
-    from talr_optax.demo import lm_runs  # pylint: disable=import-outside-toplevel
-    return lm_runs.TASK
-  if name == "digits":
-    from talr_optax.demo import runs  # pylint: disable=import-outside-toplevel
-    return runs.TASK
-  raise ValueError(f"task must be 'digits' or 'lm', got {name!r}")
+def _check_task(task: Any) -> TaskDef:
+  """``task`` if it is a :class:`TaskDef`; a name gets the way to look it up."""
+  if not isinstance(task, TaskDef):
+    raise TypeError(
+        f"task must be a TaskDef (runs.TASK or lm_runs.TASK), got {task!r}; to name a task "
+        "('digits' or 'lm') use talr_optax.demo.task_of, run or train_arm")
+  return task
 
 
-def train_arm(task: str | TaskDef, cfg: Any, data: Any, fp_model: Any, *, bits: int,
+def train_arm(task: TaskDef, cfg: Any, data: Any, fp_model: Any, *, bits: int,
               seed: int, method: str, lr_scale: float = 1.0,
               progress: Progress | None = None) -> dict[str, Any]:
   """One arm of a task for one seed: a QAT run from a pretrained model.
 
   The same run the demo makes (model, calibration, optimizer, data order,
-  traces), for scripts that study it. For example, the language model's
-  AdamWT at 2 bits for 500 steps::
-
-    cfg = dataclasses.replace(lm_config.LMConfig(), steps=500)
-    data = runner.task_of("lm").load(cfg)
-    fp_model = runner.task_of("lm").pretrain(cfg, data, 0, None)
-    record = runner.train_arm("lm", cfg, data, fp_model, bits=2, seed=0, method="talr")
-    record["final_bits_per_byte"], record["trace"]["K"]
+  traces), for scripts that study it. :func:`talr_optax.demo.cli.train_arm`
+  (also ``talr_optax.demo.train_arm``) takes the task by name and has an
+  example.
 
   Args:
-    task: ``"digits"``, ``"lm"`` or a :class:`TaskDef`.
+    task: the task, a :class:`TaskDef` (``runs.TASK``, ``lm_runs.TASK``).
     cfg: the task's settings (``DemoConfig`` or ``LMConfig``); the run's
       length is ``cfg.epochs`` or ``cfg.steps``.
     data: ``task.load(cfg)``.
@@ -421,9 +421,10 @@ def train_arm(task: str | TaskDef, cfg: Any, data: Any, fp_model: Any, *, bits: 
     ``loss``, ``osc``) and :func:`quantized_record`'s entries.
 
   Raises:
-    ValueError: an unknown task or method, or ``lr_scale`` != 1 on images.
+    TypeError: ``task`` is not a :class:`TaskDef` (a name, say).
+    ValueError: an unknown method, or ``lr_scale`` != 1 on images.
   """
-  task = task_of(task) if isinstance(task, str) else task
+  task = _check_task(task)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   return task.train_arm(cfg, data, fp_model, bits, seed, method, lr_scale, progress)
@@ -436,22 +437,25 @@ def _load_average() -> list[float] | None:
     return None
 
 
-def run(cfg: Any, **procedure_kwargs: Any) -> dict[str, Any]:
+def run(task: TaskDef, cfg: Any, **procedure_kwargs: Any) -> dict[str, Any]:
   """Runs a whole demo; writes ``results.json`` and the figures to ``cfg.out``.
 
   Args:
-    cfg: a ``DemoConfig`` (image tasks) or an ``LMConfig``.
+    task: the task, a :class:`TaskDef` (``runs.TASK``, ``lm_runs.TASK``;
+      :func:`talr_optax.demo.cli.run` picks it from ``cfg``).
+    cfg: its settings, a ``DemoConfig`` (image tasks) or an ``LMConfig``.
     **procedure_kwargs: passed to the task's procedure (test hooks).
 
   Returns:
     The results, as written to ``results.json``.
 
   Raises:
+    TypeError: ``task`` is not a :class:`TaskDef`.
     UsageError: a flag does not fit the data (checked before any training).
     FileNotFoundError, ValueError: missing or corrupt data or checkpoints.
   """
+  task = _check_task(task)
   start, load_start = time.perf_counter(), _load_average()
-  task = task_of(getattr(cfg, "task", "digits"))
   data = task.load(cfg)
   with Progress(task.total(cfg), task.unit) as progress:
     records, extra = task.procedure(cfg, data, progress, **procedure_kwargs)

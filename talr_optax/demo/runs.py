@@ -7,6 +7,11 @@ The data, models and loss are in :mod:`~talr_optax.demo.tasks`, the
 optimizer arms in :mod:`~talr_optax.demo.optim`, one run in
 :mod:`~talr_optax.demo.train`; what every task shares (progress, record,
 summary, output) in :mod:`~talr_optax.demo.runner`.
+
+Who imports whom: this module imports the runner, :mod:`~talr_optax.demo.train`
+and the modules above, and hands the runner :data:`TASK`; the runner never
+imports it. :func:`talr_optax.demo.cli.task_of` imports it when a run needs it
+(it imports Flax).
 """
 
 from __future__ import annotations
@@ -126,4 +131,4 @@ def run(cfg: DemoConfig, *, interrupt_after: int | None = None) -> dict[str, Any
     interrupt_after: a hook that raises ``train.Interrupted`` in the first
       QAT run that trains that many epochs in this call (tests of resuming).
   """
-  return runner.run(cfg, interrupt_after=interrupt_after)
+  return runner.run(TASK, cfg, interrupt_after=interrupt_after)

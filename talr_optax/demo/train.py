@@ -1,4 +1,10 @@
-"""Training: the full-precision pretraining, and one QAT run epoch by epoch."""
+"""Training: the full-precision pretraining, and one QAT run epoch by epoch.
+
+The image tasks' training, for :mod:`~talr_optax.demo.runs` (which imports
+this module) and for scripts that study one run. Who imports whom: this
+module imports the runner's shared parts (traces, record, progress) from
+:mod:`~talr_optax.demo.runner`, which never imports it.
+"""
 
 from __future__ import annotations
 

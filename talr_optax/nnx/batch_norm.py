@@ -10,10 +10,12 @@ final quantized weights, before evaluation, recovers much of that accuracy.
 from __future__ import annotations
 
 import typing as tp
+from collections.abc import Iterable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from talr_optax import _checks
@@ -23,6 +25,36 @@ __all__ = ["reestimate_batch_norm"]
 
 def _call(model: nnx.Module, x: tp.Any) -> tp.Any:
   return model(x)
+
+
+def _is_array(x: tp.Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _check_batches(batches: tp.Any) -> None:
+  """Refuses what is not an iterable of batches, above all one batch on its own."""
+  if _is_array(batches):
+    # Iterating one array yields its rows: single examples taken for batches.
+    raise TypeError(
+        "reestimate_batch_norm: batches must be an iterable of batches, got one array of"
+        f" shape {tuple(batches.shape)}; iterating it would pass its single examples as"
+        " batches. To use it as one batch, pass [x].")
+  if not isinstance(batches, Iterable):
+    raise TypeError(
+        "reestimate_batch_norm: batches must be an iterable of batches (a list, a"
+        f" generator, a data loader), got batches of type {type(batches).__name__}.")
+
+
+def _check_batch(index: int, batch: tp.Any) -> None:
+  """Without ``forward`` a batch is the model's input: it must be an array."""
+  if not _is_array(batch):
+    kind = type(batch).__name__
+    raise TypeError(
+        f"reestimate_batch_norm: batch {index} is a {kind}, not an array, and no forward"
+        f" was given, so the model would be called with the {kind} itself. For (inputs,"
+        " labels) pairs, as a data loader yields, pass forward=lambda m, b: m(b[0]) (for a"
+        " dict, e.g. forward=lambda m, b: m(b['image'])); if the model does take a"
+        f" {kind}, pass forward=lambda m, b: m(b).")
 
 
 # One compiled program per model structure; momentum 0 makes each batch norm
@@ -49,20 +81,44 @@ def reestimate_batch_norm(
   of its input; the old statistics and the batch norms' momentum play no
   part. Params, step sizes and the modules' modes are left as they were.
 
+  If a batch fails (``forward`` or the model raises, the iterable raises,
+  even ``KeyboardInterrupt``), the error passes through and the model is left
+  exactly as it was: batch statistics, momenta and modes.
+
   Args:
     model: an NNX module with ``nnx.BatchNorm`` layers (modified in place).
-    batches: an iterable of input batches (e.g. 50 training batches, the
-      reference code's default), each passed to ``forward``.
+    batches: an iterable of batches (e.g. 50 training batches, the reference
+      code's default), each passed to ``forward``; not one array (wrap one
+      batch in a list: ``[x]``).
     forward: ``forward(model, batch)`` if the model is not called as
-      ``model(batch)`` (e.g. ``lambda m, b: m(b["image"])``).
+      ``model(batch)``; needed when a batch is not an array, e.g.
+      ``lambda m, b: m(b[0])`` for the ``(inputs, labels)`` pairs of a data
+      loader, ``lambda m, b: m(b["image"])`` for dicts.
 
   Returns:
     The number of batches used.
 
   Raises:
-    TypeError: ``model`` is not an ``nnx.Module``.
+    TypeError: ``model`` is not an ``nnx.Module``; ``batches`` is one array
+      or not iterable; a batch is not an array and ``forward`` is ``None``.
     ValueError: ``model`` has no ``nnx.BatchNorm``; ``batches`` is empty;
       ``forward`` is not callable. The model is left as it was.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from talr_optax import nnx as tnnx
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs))
+    >>> model.eval()
+    >>> batches = [jnp.arange(24.0).reshape(8, 3) + i for i in range(3)]
+    >>> tnnx.reestimate_batch_norm(model, batches)
+    3
+    >>> model.layers[1].use_running_average  # modes as they were
+    True
+    >>> loader = [(x, jnp.zeros(8, jnp.int32)) for x in batches]  # (inputs, labels)
+    >>> tnnx.reestimate_batch_norm(model, loader, forward=lambda m, b: m(b[0]))
+    3
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(
@@ -71,6 +127,7 @@ def reestimate_batch_norm(
   if forward is not None:
     _checks.check_callable("forward", forward, "None or a callable forward(model, batch)",
                            owner="reestimate_batch_norm")
+  _check_batches(batches)
   norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
   if not norms:
     raise ValueError(
@@ -88,10 +145,13 @@ def reestimate_batch_norm(
       bn.use_running_average = False
       bn.momentum = 0.0
     for batch in batches:
+      if forward is None:
+        _check_batch(count, batch)
       stats = nnx.as_pure(_batch_statistics(model, batch, forward or _call))
       total = stats if total is None else jax.tree.map(jnp.add, total, stats)
       count += 1
-  except Exception:
+  # BaseException: an interrupt between batches must not leave one batch's statistics.
+  except BaseException:
     nnx.update(model, old)
     raise
   finally:
