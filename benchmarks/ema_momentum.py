@@ -52,7 +52,8 @@ def candidates(steps: int) -> dict[str, float]:
 def run(lengths: Sequence[int], seeds: int, bits: int, fp_steps: int,
         eval_every: int) -> dict[str, Any]:
   """Trains every (length, momentum, seed) run; returns the JSON-ready results."""
-  from talr_optax.demo import lm_train, runner  # pylint: disable=import-outside-toplevel
+  from talr_optax import demo  # pylint: disable=import-outside-toplevel
+  from talr_optax.demo import lm_train  # pylint: disable=import-outside-toplevel
   from talr_optax.demo.lm_config import LMConfig  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   base = LMConfig(fp_steps=fp_steps, eval_every=eval_every)
@@ -67,7 +68,7 @@ def run(lengths: Sequence[int], seeds: int, bits: int, fp_steps: int,
       cfg = LMConfig(fp_steps=fp_steps, eval_every=eval_every, steps=steps, ema_momentum=m)
       by_value[m] = {}
       for seed in range(seeds):
-        r = runner.train_arm("lm", cfg, data, fp_model, bits=bits, seed=seed, method="talr")
+        r = demo.train_arm("lm", cfg, data, fp_model, bits=bits, seed=seed, method="talr")
         rec = {"steps": steps, "ema_momentum": m, "seed": seed,
                "final_bits_per_byte": r["final_bits_per_byte"],
                "tracking_error": r["tracking_error"]}
