@@ -240,6 +240,20 @@ def cpu_model() -> str:
   return platform.processor()
 
 
+# The instruction-set extensions that decide which matrix-product kernels run.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+
+
+def cpu_isa() -> list[str]:
+  """The CPU's extensions among those oneDNN picks its kernels by (docs/reproducibility.md)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return []
+  return [name for name in _ISA_FLAGS if name in flags]
+
+
 def meta(argv: Sequence[str], **extra) -> dict[str, Any]:
   import jaxlib  # pylint: disable=import-outside-toplevel
   try:
