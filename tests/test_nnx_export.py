@@ -22,6 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -358,3 +359,71 @@ def test_errors():
   with pytest.raises(ValueError, match="different architectures"):
     tnnx.integer_model(tnnx.export_integer_model(other), tnnx.SmallCNN(
         weight_bits=2, act_bits=2, rngs=nnx.Rngs(0)))
+
+
+class _Conv(nnx.Module):
+  """One QuantConv, as integer_model takes it (a layer inside a model)."""
+
+  def __init__(self, seed, **kwargs):
+    self.conv = tnnx.QuantConv(4, 5, rngs=nnx.Rngs(seed), **kwargs)
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+def _train(model, x, steps=3):
+  """A few SGD steps on a regression loss; returns the losses."""
+  target = jax.random.normal(jax.random.key(8), model(x).shape)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+  losses = []
+  for _ in range(steps):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+    optimizer.update(model, grads)
+    losses.append(float(loss))
+  return losses
+
+
+def _check_serves_like_qat(kwargs, x, k):
+  """Trains a one-conv model, serves its export: equal to its QAT forward per output.
+
+  Tolerance as in the module docstring, with the bound ``sum|x_q w_q|`` from
+  ``nnx.Conv`` (same padding) on the absolute values, plus the two roundings
+  of adding the bias.
+  """
+  model = _Conv(0, **kwargs)
+  losses = _train(model, x)
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  model.eval()
+  serving = tnnx.integer_model(tnnx.export_integer_model(model), _Conv(1, **kwargs))
+  assert isinstance(serving.conv, tnnx.IntegerLayer)
+  expected = np.asarray(model(x))
+  got = np.asarray(serving(x))
+  xq, wq = model.conv._quantize(x)
+  mask = kwargs.get("mask")
+  bound = nnx.Conv(4, 5, kwargs["kernel_size"], use_bias=False, rngs=nnx.Rngs(0),
+                   **{k_: v for k_, v in kwargs.items()
+                      if k_ in ("padding", "strides", "kernel_dilation")})
+  bound.kernel[...] = jnp.abs(wq if mask is None else wq * mask)
+  tol = (k + 5) * U * np.asarray(bound(jnp.abs(xq))) + 2 * U * np.abs(expected) + 1e-30
+  assert np.all(np.abs(got - expected) <= tol), np.max(np.abs(got - expected) - tol)
+
+
+@pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT", "CAUSAL"])
+@pytest.mark.parametrize("act", [True, False], ids=["act", "weight_only"])
+def test_padding_modes_train_and_serve(padding, act):
+  """Every padding nnx.Conv trains with serves (Flax pads causally in 1-D only)."""
+  causal = padding == "CAUSAL"
+  kwargs = dict(kernel_size=(3,) if causal else (3, 3), padding=padding,
+                strides=1 if causal else 2, kernel_dilation=2 if causal else 1,
+                weight_bits=2, act_bits=2 if act else None, multiply_scale=True)
+  x = jax.random.normal(jax.random.key(7), (2, 9, 4) if causal else (2, 6, 6, 4))
+  _check_serves_like_qat(kwargs, jax.nn.relu(x) if act else x, k=12 if causal else 36)
+
+
+def test_masked_conv_serves():
+  """A kernel mask multiplies the weight codes, as it multiplies the QAT kernel."""
+  mask = jnp.tril(jnp.ones((3, 3, 4, 5)))
+  kwargs = dict(kernel_size=(3, 3), mask=mask, weight_bits=4, act_bits=4, multiply_scale=False)
+  x = jax.nn.relu(jax.random.normal(jax.random.key(7), (2, 6, 6, 4)))
+  _check_serves_like_qat(kwargs, x, k=36)
+

@@ -16,12 +16,14 @@ without int8 packing.
 
 from __future__ import annotations
 
+import functools
 import typing as tp
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn import dtypes
 
 from talr_optax.nnx import export as export_lib
 from talr_optax.nnx import layers as layers_lib
@@ -33,21 +35,53 @@ class _Codes(nnx.Variable):
   """Integer weight codes or a step size of an :class:`IntegerLayer` (not trained)."""
 
 
-def _conv_padding(padding: tp.Any, ndim: int) -> tp.Any:
-  """``nnx.Conv``'s ``padding`` as ``lax.conv_general_dilated`` takes it."""
-  if isinstance(padding, str):
-    if padding.upper() in ("SAME", "VALID"):
-      return padding.upper()
-    raise NotImplementedError(
-        f"integer_model: conv padding {padding!r} is not supported (SAME, VALID or "
-        "explicit padding).")
-  if isinstance(padding, int):
-    return [(padding, padding)] * ndim
-  return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+# Flax casts a layer's operands to an inexact dtype by default; with
+# ``inexact=False`` int32 input levels and codes stay int32.
+_promote_to_int = functools.partial(dtypes.promote_dtype, inexact=False)
+
+
+def _flax_layer(layer: layers_lib.QuantLayer, codes: jax.Array,
+                integer: bool) -> nnx.Conv | nnx.Linear:
+  """The ``nnx.Conv`` / ``nnx.Linear`` of ``layer``'s static settings, computing on ``codes``.
+
+  Its forward is Flax's own (padding modes, dilations, groups, mask, batch
+  axes, an injected ``conv_general_dilated`` / ``dot_general``), with int32
+  operands and accumulation if ``integer``, else float32.
+  """
+  numeric = dict(
+      use_bias=False,  # added after the scaling, in float
+      precision=layer.precision,
+      kernel_init=nnx.initializers.zeros_init(),  # replaced by the codes below
+      rngs=nnx.Rngs(0))
+  if integer:
+    numeric.update(dtype=None, param_dtype=jnp.int32, promote_dtype=_promote_to_int,
+                   preferred_element_type=jnp.int32)
+  else:
+    numeric.update(dtype=jnp.float32, param_dtype=jnp.float32)
+  if isinstance(layer, nnx.Conv):
+    flax_layer = nnx.Conv(
+        layer.in_features, layer.out_features, layer.kernel_size, layer.strides,
+        padding=layer.padding, input_dilation=layer.input_dilation,
+        kernel_dilation=layer.kernel_dilation,
+        feature_group_count=layer.feature_group_count, mask=layer.mask,
+        conv_general_dilated=layer.conv_general_dilated, **numeric)
+  else:
+    flax_layer = nnx.Linear(layer.in_features, layer.out_features,
+                            dot_general=layer.dot_general, **numeric)
+  # Shaped like the exported kernel: (L, ...) for stacked layers, which
+  # nnx.scan slices as it slices the QAT kernel.
+  flax_layer.kernel = _Codes(codes.astype(jnp.int32 if integer else jnp.float32))
+  return flax_layer
 
 
 class IntegerLayer(nnx.Module):
   """One quantized linear or conv layer computed from its exported integers.
+
+  The layer quantizes its input to integer levels, runs ``nnx.Conv`` /
+  ``nnx.Linear``'s forward on them and the integer weight codes (int32
+  operands and accumulation when both are integers), scales the sums once and
+  adds the bias. Every setting ``QuantConv`` trains with (any padding,
+  strides, dilations, groups, a kernel mask) is served the same way.
 
   Args:
     entry: the layer's entry of an export (see
@@ -58,17 +92,6 @@ class IntegerLayer(nnx.Module):
   """
 
   def __init__(self, entry: dict[str, tp.Any], layer: layers_lib.QuantLayer):
-    if getattr(layer, "mask", None) is not None:
-      raise NotImplementedError("integer_model: a conv with a kernel mask is not supported.")
-    self.is_conv = isinstance(layer, nnx.Conv)
-    if self.is_conv:
-      spatial = len(layer.kernel_size)
-      self.strides = tuple(np.broadcast_to(layer.strides or 1, spatial).tolist())
-      self.padding = _conv_padding(layer.padding, spatial)
-      self.input_dilation = tuple(np.broadcast_to(layer.input_dilation or 1, spatial).tolist())
-      self.kernel_dilation = tuple(
-          np.broadcast_to(layer.kernel_dilation or 1, spatial).tolist())
-      self.groups = int(layer.feature_group_count)
     self.multiply_scale = bool(entry["multiply_scale"])
     self.weight_bits = entry.get("weight_bits")
     self.act_bits = entry.get("act_bits")
@@ -77,48 +100,43 @@ class IntegerLayer(nnx.Module):
     if self.weight_bits is not None:
       levels = jnp.asarray(entry["kernel_levels"], jnp.int32)
       # Binary codes {0, 1} stand for -1 and +1.
-      self.codes = _Codes(2 * levels - 1 if self.weight_bits == 1 else levels)
+      codes = 2 * levels - 1 if self.weight_bits == 1 else levels
       self.weight_step = per_layer(entry["weight_step"])
       self.weight_gamma = int(entry["weight_gamma"])
     else:
-      self.codes = _Codes(jnp.asarray(entry["kernel"]))
+      codes = jnp.asarray(entry["kernel"])
     if self.act_bits is not None:
       self.act_step = per_layer(entry["act_step"])
       self.act_gamma = int(entry["act_gamma"])
+    # Exact integer sums need integer codes: a float mask multiplies them
+    # into floats, as it multiplies the QAT kernel.
+    mask = getattr(layer, "mask", None)
+    integer = (self.weight_bits is not None and self.act_bits is not None
+               and (mask is None or jnp.issubdtype(jnp.asarray(mask).dtype, jnp.integer)))
+    self.layer = _flax_layer(layer, codes, integer)
     bias = entry.get("bias")
     self.bias = nnx.data(None) if bias is None else _Codes(jnp.asarray(bias))
 
-  def _apply(self, x: jax.Array, kernel: jax.Array, out_type: tp.Any) -> jax.Array:
-    if not self.is_conv:
-      dims = (((x.ndim - 1,), (0,)), ((), ()))
-      return jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_type)
-    batch_shape, image = x.shape[: x.ndim - kernel.ndim + 1], x.shape[x.ndim - kernel.ndim + 1:]
-    x = x.reshape((-1, *image))
-    n = x.ndim
-    spec = (0, n - 1, *range(1, n - 1))
-    numbers = jax.lax.ConvDimensionNumbers(spec, (n - 1, n - 2, *range(n - 2)), spec)
-    y = jax.lax.conv_general_dilated(
-        x, kernel, self.strides, self.padding, lhs_dilation=self.input_dilation,
-        rhs_dilation=self.kernel_dilation, dimension_numbers=numbers,
-        feature_group_count=self.groups, preferred_element_type=out_type)
-    return y.reshape((*batch_shape, *y.shape[1:]))
+  def __call__(self, x: jax.Array, out_sharding: tp.Any = None) -> jax.Array:
+    """The layer's output from integer levels; float32.
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """The layer's output from integer levels; float32."""
+    Args:
+      x: the input, shaped as for the layer it replaces.
+      out_sharding: as ``nnx.Conv`` / ``nnx.Linear``.
+
+    Returns:
+      The output, float32.
+    """
     scale = jnp.float32(1.0)
     if self.act_bits is not None:
       top = 2**self.act_bits - 1
       a = jnp.clip(self.act_gamma * x.astype(jnp.float32) / self.act_step[...], 0, top)
       x = jnp.round(a).astype(jnp.int32)
       scale = scale / self.act_gamma * (self.act_step[...] if self.multiply_scale else 1.0)
-    codes = self.codes[...]
     if self.weight_bits is not None:
       scale = scale / self.weight_gamma * (self.weight_step[...] if self.multiply_scale else 1.0)
-    if self.act_bits is not None and self.weight_bits is not None:
-      y = self._apply(x, codes, jnp.int32).astype(jnp.float32)  # exact integer sums
-    else:
-      y = self._apply(x.astype(jnp.float32), codes.astype(jnp.float32), jnp.float32)
-    y = y * scale
+    # Flax's promote_dtype casts x: int32 levels stay int32 for int32 codes.
+    y = self.layer(x, out_sharding=out_sharding).astype(jnp.float32) * scale
     if self.bias is not None:
       y = y + self.bias[...]
     return y
