@@ -303,11 +303,14 @@ np.save(sys.argv[3], x)
 
 
 class _MLP(nnx.Module):
+  """Two linear layers; ``fc2_bits`` sets the second one's bits (``None``: float)."""
 
-  def __init__(self, bits):
-    q = dict(weight_bits=bits, act_bits=bits, multiply_scale=True, rngs=nnx.Rngs(0))
-    self.fc1 = tnnx.QuantLinear(12, 16, **q)
-    self.fc2 = tnnx.QuantLinear(16, 3, **q)
+  def __init__(self, bits, fc2_bits="same", seed=0):
+    fc2_bits = bits if fc2_bits == "same" else fc2_bits
+    self.fc1 = tnnx.QuantLinear(12, 16, weight_bits=bits, act_bits=bits, multiply_scale=True,
+                                rngs=nnx.Rngs(seed))
+    self.fc2 = tnnx.QuantLinear(16, 3, weight_bits=fc2_bits, act_bits=fc2_bits,
+                                multiply_scale=True, rngs=nnx.Rngs(seed))
 
   def __call__(self, x):
     return self.fc2(nnx.relu(self.fc1(x)))
@@ -356,7 +359,8 @@ def test_errors():
   with pytest.raises(ValueError, match="exported must be what export_integer_model"):
     tnnx.integer_model({"kernel": 1}, model)
   other = _trained_cnn(tnnx.MobileNetV2Tiny, 2)[0]
-  with pytest.raises(ValueError, match="different architectures"):
+  with pytest.raises(ValueError,
+                     match=r"'blocks/0/depthwise': model has no layer there.*; and 9 more\."):
     tnnx.integer_model(tnnx.export_integer_model(other), tnnx.SmallCNN(
         weight_bits=2, act_bits=2, rngs=nnx.Rngs(0)))
 
@@ -427,3 +431,75 @@ def test_masked_conv_serves():
   x = jax.nn.relu(jax.random.normal(jax.random.key(7), (2, 6, 6, 4)))
   _check_serves_like_qat(kwargs, x, k=36)
 
+
+@pytest.fixture(scope="module")
+def cnn_export():
+  """A trained W2A2 SmallCNN's export, and a batch."""
+  model, x = _trained_cnn(tnnx.SmallCNN, 2)
+  return tnnx.export_integer_model(model), x
+
+
+def test_integer_model_refuses_float_model(cnn_export):
+  """A model built without bits would serve its own random kernels."""
+  exported, _ = cnn_export
+  model = tnnx.SmallCNN(weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'conv2'.*not quantized.*weight_bits=2, act_bits=2"):
+    tnnx.integer_model(exported, model)
+
+
+@pytest.mark.parametrize("weight_bits,act_bits,name", [
+    (4, 2, "weight_bits"), (2, 4, "act_bits"), (2, None, "act_bits")])
+def test_integer_model_refuses_other_bits(cnn_export, weight_bits, act_bits, name):
+  exported, _ = cnn_export
+  model = tnnx.SmallCNN(weight_bits=weight_bits, act_bits=act_bits, rngs=nnx.Rngs(0))
+  value = weight_bits if name == "weight_bits" else act_bits
+  with pytest.raises(ValueError, match=rf"'conv2': {name} is {value} in model, 2 in exported"):
+    tnnx.integer_model(exported, model)
+
+
+class _OneLayer(nnx.Module):
+  """``_MLP`` without its second layer."""
+
+  def __init__(self, bits):
+    self.fc1 = tnnx.QuantLinear(12, 16, weight_bits=bits, act_bits=bits, multiply_scale=True,
+                                rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.fc1(x)
+
+
+def _calibrated_export(model):
+  model(jax.nn.relu(jax.random.normal(jax.random.key(6), (5, 12))))
+  model.eval()
+  return tnnx.export_integer_model(model)
+
+
+def test_integer_model_refuses_missing_quantized_layer():
+  exported = _calibrated_export(_MLP(2))
+  with pytest.raises(ValueError, match=r"'fc2'.*model has no layer there"):
+    tnnx.integer_model(exported, _OneLayer(2))
+
+
+def test_integer_model_refuses_extra_quantized_layer():
+  """The model quantizes a layer the export keeps in float, or that it lacks."""
+  with pytest.raises(ValueError, match=r"'fc2'.*not quantized in exported"):
+    tnnx.integer_model(_calibrated_export(_MLP(2, fc2_bits=None)), _MLP(2, seed=1))
+  with pytest.raises(ValueError, match=r"'fc2'.*exported has no layer there"):
+    tnnx.integer_model(_calibrated_export(_OneLayer(2)), _MLP(2, seed=1))
+
+
+
+def test_integer_model_refuses_other_layer_settings():
+  """Another kernel shape, multiply_scale or bias: not the model that was exported."""
+  settings = dict(weight_bits=2, act_bits=None)
+  model = _Conv(0, kernel_size=(3, 3), multiply_scale=True, **settings)
+  model(jax.random.normal(jax.random.key(7), (2, 6, 6, 4)))  # calibrates
+  exported = tnnx.export_integer_model(model)
+  with pytest.raises(ValueError, match=r"'conv': kernel shape \(1, 1, 4, 5\) in model, "
+                                       r"\(3, 3, 4, 5\) in exported"):
+    tnnx.integer_model(exported, _Conv(1, kernel_size=(1, 1), multiply_scale=True, **settings))
+  with pytest.raises(ValueError, match="'conv': multiply_scale is False in model, True in"):
+    tnnx.integer_model(exported, _Conv(1, kernel_size=(3, 3), multiply_scale=False, **settings))
+  with pytest.raises(ValueError, match="'conv': a bias in exported, none in model"):
+    tnnx.integer_model(exported, _Conv(1, kernel_size=(3, 3), multiply_scale=True,
+                                       use_bias=False, **settings))

@@ -167,8 +167,12 @@ def integer_model(exported: dict[str, tp.Any], model: nnx.Module) -> nnx.Module:
     ``exported``. Call it like ``model``.
 
   Raises:
-    ValueError: ``exported`` is not an export, or its layers do not match
-      ``model``'s quantized layers.
+    ValueError: ``exported`` is not an export; or ``model``'s layers do not
+      match it (each mismatch named by its layer path): a layer quantized in
+      one and not in the other (e.g. ``model`` built with ``weight_bits=None``,
+      whose own random kernels would be served) or missing in the other;
+      other ``weight_bits``, ``act_bits`` or ``multiply_scale``; another
+      kernel shape; a bias in one only.
   """
   if not isinstance(exported, dict) or "params" not in exported:
     raise ValueError("integer_model: exported must be what export_integer_model returned "
@@ -180,24 +184,98 @@ def integer_model(exported: dict[str, tp.Any], model: nnx.Module) -> nnx.Module:
   serving = nnx.clone(model)
   serving.eval()
   params = exported["params"]
+  _check_layers(params, serving)
   floats = jax.tree.map(lambda x: x, params)  # a copy to strip the quantized layers from
   for path, layer in layers_lib.quantized_layers(serving):
     entry, parent = params, floats
-    try:
-      for key in path:
-        entry, parent = entry[_key(entry, key)], parent[_key(parent, key)]
-    except KeyError:
-      raise ValueError(f"integer_model: exported has no layer at '{'/'.join(map(str, path))}', "
-                       "a quantized layer of model: they are different architectures.") from None
-    if "multiply_scale" not in entry:
-      raise ValueError(f"integer_model: exported layer '{'/'.join(map(str, path))}' is not "
-                       "quantized, but model's is.")
+    for key in path:
+      entry, parent = entry[_key(entry, key)], parent[_key(parent, key)]
     parent.clear()
     _set(serving, path, IntegerLayer(entry, layer))
   state = nnx.state(serving, nnx.Any(nnx.Param, nnx.BatchStat))
   nnx.replace_by_pure_dict(state, _prune(floats))
   nnx.update(serving, state)
   return serving
+
+
+def _bits(weight_bits: int | None, act_bits: int | None) -> str:
+  return f"weight_bits={weight_bits}, act_bits={act_bits}"
+
+
+def _setting(entry: dict[str, tp.Any], key: str) -> int | None:
+  """An int setting of an exported layer (NumPy after an Orbax restore), or ``None``."""
+  return int(np.asarray(entry[key])) if key in entry else None
+
+
+def _exported_layers(tree: dict[tp.Any, tp.Any], prefix: tuple[tp.Any, ...] = ()
+                    ) -> dict[tuple[str, ...], dict[str, tp.Any]]:
+  """The quantized layers' entries of an export, by path (keys as strings)."""
+  found = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      path = (*prefix, str(key))
+      if "multiply_scale" in value:
+        found[path] = value
+      else:
+        found.update(_exported_layers(value, path))
+  return found
+
+
+def _layer_problems(name: str, entry: dict[str, tp.Any],
+                    layer: layers_lib.QuantLayer) -> list[str]:
+  """How a quantized layer of the model differs from its exported entry."""
+  problems = []
+  for key, value in (("weight_bits", layer.weight_bits), ("act_bits", layer.act_bits)):
+    if _setting(entry, key) != value:
+      problems.append(f"'{name}': {key} is {value} in model, {_setting(entry, key)} in exported")
+  if bool(_setting(entry, "multiply_scale")) != layer.multiply_scale:
+    problems.append(f"'{name}': multiply_scale is {layer.multiply_scale} in model, "
+                    f"{bool(_setting(entry, 'multiply_scale'))} in exported")
+  kernel = entry.get("kernel_levels", entry.get("kernel"))
+  if kernel is not None and tuple(np.shape(kernel)) != tuple(layer.kernel.shape):
+    problems.append(f"'{name}': kernel shape {tuple(layer.kernel.shape)} in model, "
+                    f"{tuple(np.shape(kernel))} in exported")
+  if ("bias" in entry) != (getattr(layer, "bias", None) is not None):
+    where = ("model", "exported") if "bias" not in entry else ("exported", "model")
+    problems.append(f"'{name}': a bias in {where[0]}, none in {where[1]}")
+  return problems
+
+
+def _check_layers(params: dict[tp.Any, tp.Any], model: nnx.Module) -> None:
+  """Raises a ``ValueError`` unless ``model``'s quantized layers are the export's.
+
+  Serving a layer the export does not quantize would use ``model``'s own
+  (random) values; serving other bit widths, a different model.
+  """
+  exported = _exported_layers(params)
+  modules = {tuple(map(str, path)): module for path, module in nnx.iter_modules(model)}
+  quantized = {tuple(map(str, path)): layer
+               for path, layer in layers_lib.quantized_layers(model)}
+  problems = []
+  for path, entry in exported.items():
+    if path in quantized:
+      continue
+    bits = _bits(_setting(entry, "weight_bits"), _setting(entry, "act_bits"))
+    model_side = ("model has no layer there" if path not in modules
+                  else f"not quantized in model ({type(modules[path]).__name__})")
+    problems.append(f"'{'/'.join(path)}': {model_side}, quantized in exported ({bits})")
+  for path, layer in quantized.items():
+    name = "/".join(path)
+    if path in exported:
+      problems += _layer_problems(name, exported[path], layer)
+      continue
+    entry = params
+    for key in path:
+      entry = entry.get(_key(entry, key)) if isinstance(entry, dict) else None
+    exported_side = "exported has no layer there" if entry is None else "not quantized in exported"
+    problems.append(f"'{name}': quantized in model "
+                    f"({_bits(layer.weight_bits, layer.act_bits)}), {exported_side}")
+  if problems:
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise ValueError(
+        f"integer_model: model's layers do not match exported's: {'; '.join(problems[:5])}"
+        f"{more}. Build model with the architecture and bit widths exported was trained "
+        "with (e.g. the same constructor arguments).")
 
 
 def _key(tree: dict[tp.Any, tp.Any], key: tp.Any) -> tp.Any:
