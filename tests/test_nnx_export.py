@@ -503,3 +503,17 @@ def test_integer_model_refuses_other_layer_settings():
   with pytest.raises(ValueError, match="'conv': a bias in exported, none in model"):
     tnnx.integer_model(exported, _Conv(1, kernel_size=(3, 3), multiply_scale=True,
                                        use_bias=False, **settings))
+
+
+def test_export_refuses_non_finite_kernels():
+  """A diverged run: NaN/Inf kernels with finite frozen step sizes."""
+  model, _ = _trained_cnn(tnnx.SmallCNN, 2)
+  model.conv2.kernel[...] = model.conv2.kernel[...].at[0, 0, 0, 0].set(jnp.nan)
+  model.conv3.kernel[...] = jnp.full_like(model.conv3.kernel[...], jnp.inf)
+  with pytest.raises(ValueError, match=r"'conv2', 'conv3'.*diverged"):
+    tnnx.export_integer_model(model)
+  lm = _lm(2)
+  tnnx.calibrate(lm, TOKENS)
+  lm.blocks.mlp.up.kernel[...] = lm.blocks.mlp.up.kernel[...].at[1].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"'blocks/mlp/up'.*diverged"):
+    tnnx.export_integer_model(lm)

@@ -151,8 +151,8 @@ def export_integer_model(model: nnx.Module) -> dict[tp.Any, tp.Any]:
     TypeError: ``model`` is not an ``nnx.Module``.
     ValueError: a Qwix model (use Qwix's serving path); no quantized layer; a
       layer not calibrated yet (its step sizes are placeholders: train or call
-      :func:`~talr_optax.nnx.calibrate` first); a step size that is not finite
-      and > 0.
+      :func:`~talr_optax.nnx.calibrate` first); a kernel that is not finite
+      (the run diverged); a step size that is not finite and > 0.
   """
   _check_model(model)
   quantized = layers_lib.quantized_layers(model)
@@ -169,6 +169,16 @@ def export_integer_model(model: nnx.Module) -> dict[tp.Any, tp.Any]:
         f"calibrated ({', '.join(repr(n) for n in uncalibrated[:5])}): their step sizes "
         "are placeholders, not the ones training used. Train the model, or call "
         "talr_optax.nnx.calibrate(model, batch), first.")
+  # A diverged run leaves NaN/Inf kernels under finite frozen step sizes;
+  # their levels would be zeros that look like a model.
+  diverged = [_name(path) for path, layer in quantized
+              if not bool(np.all(np.isfinite(np.asarray(jax.device_get(layer.kernel[...])))))]
+  if diverged:
+    raise ValueError(
+        f"export_integer_model: the kernel of {len(diverged)} quantized layer(s) "
+        f"({', '.join(repr(n) for n in diverged[:5])}) is not finite (NaN or Inf): the "
+        "run diverged. Export a checkpoint from before it diverged, or train again (e.g. "
+        "with a lower learning rate).")
   state = nnx.state(model, nnx.All(nnx.Any(nnx.Param, nnx.BatchStat),
                                     nnx.Not(nnx.Any(*_QUANTIZER_STATE))))
   tree = jax.device_get(nnx.to_pure_dict(state))
