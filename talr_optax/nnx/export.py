@@ -132,12 +132,29 @@ def export_integer_model(model: nnx.Module) -> dict[tp.Any, tp.Any]:
   the arithmetic a serving program does. Everything else keeps its float
   value. Nothing is left on the device.
 
+  The result is a plain pytree: ``orbax.checkpoint.StandardCheckpointer().save(
+  path, exported)`` saves it as it is.
+
   Example::
 
-    >>> exported = export_integer_model(model)
-    >>> exported["conv2"]["kernel_levels"].dtype
-    dtype('int8')
-    >>> ocp.StandardCheckpointer().save(path, exported)   # plain pytree
+    >>> import jax
+    >>> from flax import nnx
+    >>> from talr_optax import nnx as tnnx
+    >>> model = tnnx.SmallCNN(weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
+    >>> _ = model(jax.random.uniform(jax.random.key(0), (8, 8, 8, 1)))  # calibrates
+    >>> exported = tnnx.export_integer_model(model)
+    >>> sorted(exported)
+    ['export_version', 'params']
+    >>> conv2 = exported["params"]["conv2"]
+    >>> conv2["kernel_levels"].dtype, conv2["kernel_levels"].shape
+    (dtype('int8'), (3, 3, 16, 32))
+    >>> sorted(conv2)  # doctest: +NORMALIZE_WHITESPACE
+    ['act_bits', 'act_gamma', 'act_step', 'kernel_levels', 'multiply_scale',
+     'weight_bits', 'weight_gamma', 'weight_step']
+    >>> conv2["weight_bits"], conv2["act_gamma"], conv2["multiply_scale"]
+    (2, 4, 0)
+    >>> sorted(exported["params"]["linear"])  # a float layer keeps its params
+    ['bias', 'kernel']
 
   Args:
     model: a trained (so calibrated) NNX model with quantized layers.

@@ -2,11 +2,19 @@
 
 :func:`~talr_optax.nnx.export_integer_model` gives integers and step sizes;
 this module runs a model on them the way an integer kernel would: each
-quantized layer quantizes its input to integer levels, multiplies them with
-the integer weight codes accumulating in int32, and scales the sum once (a
-weight-only layer multiplies float inputs by the codes). Every value comes
-from the export; the model passed in only supplies the architecture (its
-forward code and the layers' static settings: strides, padding, groups).
+quantized layer quantizes its input to integer levels, runs ``nnx.Conv`` /
+``nnx.Linear``'s own forward on them and the integer weight codes with int32
+operands and accumulation, and scales the sum once (a weight-only layer
+multiplies float inputs by the codes). Reusing Flax's forward serves every
+setting a layer trains with: any padding (also ``CIRCULAR``, ``REFLECT``,
+``CAUSAL``), dilations, groups, a kernel mask (a float mask, which makes the
+codes floats, is applied and accumulated in float32).
+
+Every value comes from the export; the model passed in only supplies the
+architecture (its forward code and the layers' static settings). It must be
+the architecture that was exported: :func:`integer_model` refuses a model
+whose quantized layers, bit widths or kernel shapes differ, which it would
+otherwise serve with the model's own (e.g. random) values.
 
 It shows that the exported integers are the trained model (the outputs equal
 the QAT model's fake-quantized forward up to float rounding) and is what the
@@ -81,7 +89,8 @@ class IntegerLayer(nnx.Module):
   ``nnx.Linear``'s forward on them and the integer weight codes (int32
   operands and accumulation when both are integers), scales the sums once and
   adds the bias. Every setting ``QuantConv`` trains with (any padding,
-  strides, dilations, groups, a kernel mask) is served the same way.
+  strides, dilations, groups, a kernel mask) is served the same way; a float
+  mask makes the codes floats, so that layer computes in float32.
 
   Args:
     entry: the layer's entry of an export (see
@@ -154,6 +163,35 @@ def _set(model: nnx.Module, path: tuple[tp.Any, ...], value: nnx.Module) -> None
 
 def integer_model(exported: dict[str, tp.Any], model: nnx.Module) -> nnx.Module:
   """A copy of ``model`` that computes from ``exported``, its quantized layers in integers.
+
+  Example::
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from talr_optax import nnx as tnnx
+    >>> model = tnnx.SmallCNN(weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
+    >>> images = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1))
+    >>> _ = model(images)  # a training forward calibrates
+    >>> model.eval()
+    >>> exported = tnnx.export_integer_model(model)
+    >>> serving = tnnx.integer_model(
+    ...     exported, tnnx.SmallCNN(weight_bits=2, act_bits=2, rngs=nnx.Rngs(1)))
+    >>> type(serving.conv2).__name__, serving(images).shape
+    ('IntegerLayer', (8, 10))
+    >>> expected = model(images)  # the QAT forward, up to float rounding
+    >>> error = jnp.max(jnp.abs(serving(images) - expected))
+    >>> bool(error <= 1e-5 * jnp.max(jnp.abs(expected)))
+    True
+
+    A model built with other settings than the exported one is refused:
+
+    >>> tnnx.integer_model(exported, tnnx.SmallCNN(weight_bits=None, act_bits=None,
+    ...                                             rngs=nnx.Rngs(1)))
+    ... # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+    Traceback (most recent call last):
+    ValueError: integer_model: model's layers do not match exported's: 'conv2': not
+    quantized in model (QuantConv), quantized in exported (weight_bits=2, act_bits=2); ...
 
   Args:
     exported: what :func:`~talr_optax.nnx.export_integer_model` returned (or
