@@ -478,6 +478,10 @@ def test_integer_model_refuses_missing_quantized_layer():
   exported = _calibrated_export(_MLP(2))
   with pytest.raises(ValueError, match=r"'fc2'.*model has no layer there"):
     tnnx.integer_model(exported, _OneLayer(2))
+  plain = _MLP(2, seed=1)
+  plain.fc2 = nnx.Linear(16, 3, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=r"'fc2': not quantized in model \(its Linear is not"):
+    tnnx.integer_model(exported, plain)
 
 
 def test_integer_model_refuses_extra_quantized_layer():

@@ -191,7 +191,8 @@ def integer_model(exported: dict[str, tp.Any], model: nnx.Module) -> nnx.Module:
     ... # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ValueError: integer_model: model's layers do not match exported's: 'conv2': not
-    quantized in model (QuantConv), quantized in exported (weight_bits=2, act_bits=2); ...
+    quantized in model (weight_bits=None, act_bits=None), quantized in exported
+    (weight_bits=2, act_bits=2); ...
 
   Args:
     exported: what :func:`~talr_optax.nnx.export_integer_model` returned (or
@@ -294,8 +295,14 @@ def _check_layers(params: dict[tp.Any, tp.Any], model: nnx.Module) -> None:
     if path in quantized:
       continue
     bits = _bits(_setting(entry, "weight_bits"), _setting(entry, "act_bits"))
-    model_side = ("model has no layer there" if path not in modules
-                  else f"not quantized in model ({type(modules[path]).__name__})")
+    module = modules.get(path)
+    if module is None:
+      model_side = "model has no layer there"
+    elif isinstance(module, layers_lib.QuantLayer):
+      model_side = f"not quantized in model ({_bits(module.weight_bits, module.act_bits)})"
+    else:
+      model_side = (f"not quantized in model (its {type(module).__name__} is not a "
+                    "QuantConv/QuantLinear)")
     problems.append(f"'{'/'.join(path)}': {model_side}, quantized in exported ({bits})")
   for path, layer in quantized.items():
     name = "/".join(path)
