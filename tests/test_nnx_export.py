@@ -424,9 +424,11 @@ def test_padding_modes_train_and_serve(padding, act):
   _check_serves_like_qat(kwargs, jax.nn.relu(x) if act else x, k=12 if causal else 36)
 
 
-def test_masked_conv_serves():
-  """A kernel mask multiplies the weight codes, as it multiplies the QAT kernel."""
-  mask = jnp.tril(jnp.ones((3, 3, 4, 5)))
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32])
+def test_masked_conv_serves(dtype):
+  """A kernel mask multiplies the weight codes, as it multiplies the QAT kernel
+  (an integer mask in int32, a float one in float32)."""
+  mask = jnp.tril(jnp.ones((3, 3, 4, 5), dtype))
   kwargs = dict(kernel_size=(3, 3), mask=mask, weight_bits=4, act_bits=4, multiply_scale=False)
   x = jax.nn.relu(jax.random.normal(jax.random.key(7), (2, 6, 6, 4)))
   _check_serves_like_qat(kwargs, x, k=36)
