@@ -101,9 +101,9 @@ class IntegerLayer(nnx.Module):
   """
 
   def __init__(self, entry: dict[str, tp.Any], layer: layers_lib.QuantLayer):
-    self.multiply_scale = bool(entry["multiply_scale"])
-    self.weight_bits = entry.get("weight_bits")
-    self.act_bits = entry.get("act_bits")
+    self.multiply_scale = bool(_setting(entry, "multiply_scale"))
+    self.weight_bits = _setting(entry, "weight_bits")
+    self.act_bits = _setting(entry, "act_bits")
     stack = layer.stack_shape
     per_layer = lambda v: _Codes(jnp.reshape(jnp.asarray(v, jnp.float32), stack))
     if self.weight_bits is not None:
@@ -111,12 +111,12 @@ class IntegerLayer(nnx.Module):
       # Binary codes {0, 1} stand for -1 and +1.
       codes = 2 * levels - 1 if self.weight_bits == 1 else levels
       self.weight_step = per_layer(entry["weight_step"])
-      self.weight_gamma = int(entry["weight_gamma"])
+      self.weight_gamma = _setting(entry, "weight_gamma")
     else:
       codes = jnp.asarray(entry["kernel"])
     if self.act_bits is not None:
       self.act_step = per_layer(entry["act_step"])
-      self.act_gamma = int(entry["act_gamma"])
+      self.act_gamma = _setting(entry, "act_gamma")
     # Exact integer sums need integer codes: a float mask multiplies them
     # into floats, as it multiplies the QAT kernel.
     mask = getattr(layer, "mask", None)
