@@ -22,6 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -302,11 +303,14 @@ np.save(sys.argv[3], x)
 
 
 class _MLP(nnx.Module):
+  """Two linear layers; ``fc2_bits`` sets the second one's bits (``None``: float)."""
 
-  def __init__(self, bits):
-    q = dict(weight_bits=bits, act_bits=bits, multiply_scale=True, rngs=nnx.Rngs(0))
-    self.fc1 = tnnx.QuantLinear(12, 16, **q)
-    self.fc2 = tnnx.QuantLinear(16, 3, **q)
+  def __init__(self, bits, fc2_bits="same", seed=0):
+    fc2_bits = bits if fc2_bits == "same" else fc2_bits
+    self.fc1 = tnnx.QuantLinear(12, 16, weight_bits=bits, act_bits=bits, multiply_scale=True,
+                                rngs=nnx.Rngs(seed))
+    self.fc2 = tnnx.QuantLinear(16, 3, weight_bits=fc2_bits, act_bits=fc2_bits,
+                                multiply_scale=True, rngs=nnx.Rngs(seed))
 
   def __call__(self, x):
     return self.fc2(nnx.relu(self.fc1(x)))
@@ -355,6 +359,167 @@ def test_errors():
   with pytest.raises(ValueError, match="exported must be what export_integer_model"):
     tnnx.integer_model({"kernel": 1}, model)
   other = _trained_cnn(tnnx.MobileNetV2Tiny, 2)[0]
-  with pytest.raises(ValueError, match="different architectures"):
+  with pytest.raises(ValueError,
+                     match=r"'blocks/0/depthwise': model has no layer there.*; and 9 more\."):
     tnnx.integer_model(tnnx.export_integer_model(other), tnnx.SmallCNN(
         weight_bits=2, act_bits=2, rngs=nnx.Rngs(0)))
+
+
+class _Conv(nnx.Module):
+  """One QuantConv, as integer_model takes it (a layer inside a model)."""
+
+  def __init__(self, seed, **kwargs):
+    self.conv = tnnx.QuantConv(4, 5, rngs=nnx.Rngs(seed), **kwargs)
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+def _train(model, x, steps=3):
+  """A few SGD steps on a regression loss; returns the losses."""
+  target = jax.random.normal(jax.random.key(8), model(x).shape)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+  losses = []
+  for _ in range(steps):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+    optimizer.update(model, grads)
+    losses.append(float(loss))
+  return losses
+
+
+def _check_serves_like_qat(kwargs, x, k):
+  """Trains a one-conv model, serves its export: equal to its QAT forward per output.
+
+  Tolerance as in the module docstring, with the bound ``sum|x_q w_q|`` from
+  ``nnx.Conv`` (same padding) on the absolute values, plus the two roundings
+  of adding the bias.
+  """
+  model = _Conv(0, **kwargs)
+  losses = _train(model, x)
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  model.eval()
+  serving = tnnx.integer_model(tnnx.export_integer_model(model), _Conv(1, **kwargs))
+  assert isinstance(serving.conv, tnnx.IntegerLayer)
+  expected = np.asarray(model(x))
+  got = np.asarray(serving(x))
+  xq, wq = model.conv._quantize(x)
+  mask = kwargs.get("mask")
+  bound = nnx.Conv(4, 5, kwargs["kernel_size"], use_bias=False, rngs=nnx.Rngs(0),
+                   **{k_: v for k_, v in kwargs.items()
+                      if k_ in ("padding", "strides", "kernel_dilation")})
+  bound.kernel[...] = jnp.abs(wq if mask is None else wq * mask)
+  tol = (k + 5) * U * np.asarray(bound(jnp.abs(xq))) + 2 * U * np.abs(expected) + 1e-30
+  assert np.all(np.abs(got - expected) <= tol), np.max(np.abs(got - expected) - tol)
+
+
+@pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT", "CAUSAL"])
+@pytest.mark.parametrize("act", [True, False], ids=["act", "weight_only"])
+def test_padding_modes_train_and_serve(padding, act):
+  """Every padding nnx.Conv trains with serves (Flax pads causally in 1-D only)."""
+  causal = padding == "CAUSAL"
+  kwargs = dict(kernel_size=(3,) if causal else (3, 3), padding=padding,
+                strides=1 if causal else 2, kernel_dilation=2 if causal else 1,
+                weight_bits=2, act_bits=2 if act else None, multiply_scale=True)
+  x = jax.random.normal(jax.random.key(7), (2, 9, 4) if causal else (2, 6, 6, 4))
+  _check_serves_like_qat(kwargs, jax.nn.relu(x) if act else x, k=12 if causal else 36)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32])
+def test_masked_conv_serves(dtype):
+  """A kernel mask multiplies the weight codes, as it multiplies the QAT kernel
+  (an integer mask in int32, a float one in float32)."""
+  mask = jnp.tril(jnp.ones((3, 3, 4, 5), dtype))
+  kwargs = dict(kernel_size=(3, 3), mask=mask, weight_bits=4, act_bits=4, multiply_scale=False)
+  x = jax.nn.relu(jax.random.normal(jax.random.key(7), (2, 6, 6, 4)))
+  _check_serves_like_qat(kwargs, x, k=36)
+
+
+@pytest.fixture(scope="module")
+def cnn_export():
+  """A trained W2A2 SmallCNN's export, and a batch."""
+  model, x = _trained_cnn(tnnx.SmallCNN, 2)
+  return tnnx.export_integer_model(model), x
+
+
+def test_integer_model_refuses_float_model(cnn_export):
+  """A model built without bits would serve its own random kernels."""
+  exported, _ = cnn_export
+  model = tnnx.SmallCNN(weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'conv2'.*not quantized.*weight_bits=2, act_bits=2"):
+    tnnx.integer_model(exported, model)
+
+
+@pytest.mark.parametrize("weight_bits,act_bits,name", [
+    (4, 2, "weight_bits"), (2, 4, "act_bits"), (2, None, "act_bits")])
+def test_integer_model_refuses_other_bits(cnn_export, weight_bits, act_bits, name):
+  exported, _ = cnn_export
+  model = tnnx.SmallCNN(weight_bits=weight_bits, act_bits=act_bits, rngs=nnx.Rngs(0))
+  value = weight_bits if name == "weight_bits" else act_bits
+  with pytest.raises(ValueError, match=rf"'conv2': {name} is {value} in model, 2 in exported"):
+    tnnx.integer_model(exported, model)
+
+
+class _OneLayer(nnx.Module):
+  """``_MLP`` without its second layer."""
+
+  def __init__(self, bits):
+    self.fc1 = tnnx.QuantLinear(12, 16, weight_bits=bits, act_bits=bits, multiply_scale=True,
+                                rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.fc1(x)
+
+
+def _calibrated_export(model):
+  model(jax.nn.relu(jax.random.normal(jax.random.key(6), (5, 12))))
+  model.eval()
+  return tnnx.export_integer_model(model)
+
+
+def test_integer_model_refuses_missing_quantized_layer():
+  exported = _calibrated_export(_MLP(2))
+  with pytest.raises(ValueError, match=r"'fc2'.*model has no layer there"):
+    tnnx.integer_model(exported, _OneLayer(2))
+  plain = _MLP(2, seed=1)
+  plain.fc2 = nnx.Linear(16, 3, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=r"'fc2': not quantized in model \(its Linear is not"):
+    tnnx.integer_model(exported, plain)
+
+
+def test_integer_model_refuses_extra_quantized_layer():
+  """The model quantizes a layer the export keeps in float, or that it lacks."""
+  with pytest.raises(ValueError, match=r"'fc2'.*not quantized in exported"):
+    tnnx.integer_model(_calibrated_export(_MLP(2, fc2_bits=None)), _MLP(2, seed=1))
+  with pytest.raises(ValueError, match=r"'fc2'.*exported has no layer there"):
+    tnnx.integer_model(_calibrated_export(_OneLayer(2)), _MLP(2, seed=1))
+
+
+
+def test_integer_model_refuses_other_layer_settings():
+  """Another kernel shape, multiply_scale or bias: not the model that was exported."""
+  settings = dict(weight_bits=2, act_bits=None)
+  model = _Conv(0, kernel_size=(3, 3), multiply_scale=True, **settings)
+  model(jax.random.normal(jax.random.key(7), (2, 6, 6, 4)))  # calibrates
+  exported = tnnx.export_integer_model(model)
+  with pytest.raises(ValueError, match=r"'conv': kernel shape \(1, 1, 4, 5\) in model, "
+                                       r"\(3, 3, 4, 5\) in exported"):
+    tnnx.integer_model(exported, _Conv(1, kernel_size=(1, 1), multiply_scale=True, **settings))
+  with pytest.raises(ValueError, match="'conv': multiply_scale is False in model, True in"):
+    tnnx.integer_model(exported, _Conv(1, kernel_size=(3, 3), multiply_scale=False, **settings))
+  with pytest.raises(ValueError, match="'conv': a bias in exported, none in model"):
+    tnnx.integer_model(exported, _Conv(1, kernel_size=(3, 3), multiply_scale=True,
+                                       use_bias=False, **settings))
+
+
+def test_export_refuses_non_finite_kernels():
+  """A diverged run: NaN/Inf kernels with finite frozen step sizes."""
+  model, _ = _trained_cnn(tnnx.SmallCNN, 2)
+  model.conv2.kernel[...] = model.conv2.kernel[...].at[0, 0, 0, 0].set(jnp.nan)
+  model.conv3.kernel[...] = jnp.full_like(model.conv3.kernel[...], jnp.inf)
+  with pytest.raises(ValueError, match=r"'conv2', 'conv3'.*diverged"):
+    tnnx.export_integer_model(model)
+  lm = _lm(2)
+  tnnx.calibrate(lm, TOKENS)
+  lm.blocks.mlp.up.kernel[...] = lm.blocks.mlp.up.kernel[...].at[1].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"'blocks/mlp/up'.*diverged"):
+    tnnx.export_integer_model(lm)

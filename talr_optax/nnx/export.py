@@ -132,12 +132,29 @@ def export_integer_model(model: nnx.Module) -> dict[tp.Any, tp.Any]:
   the arithmetic a serving program does. Everything else keeps its float
   value. Nothing is left on the device.
 
+  The result is a plain pytree: ``orbax.checkpoint.StandardCheckpointer().save(
+  path, exported)`` saves it as it is.
+
   Example::
 
-    >>> exported = export_integer_model(model)
-    >>> exported["conv2"]["kernel_levels"].dtype
-    dtype('int8')
-    >>> ocp.StandardCheckpointer().save(path, exported)   # plain pytree
+    >>> import jax
+    >>> from flax import nnx
+    >>> from talr_optax import nnx as tnnx
+    >>> model = tnnx.SmallCNN(weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
+    >>> _ = model(jax.random.uniform(jax.random.key(0), (8, 8, 8, 1)))  # calibrates
+    >>> exported = tnnx.export_integer_model(model)
+    >>> sorted(exported)
+    ['export_version', 'params']
+    >>> conv2 = exported["params"]["conv2"]
+    >>> conv2["kernel_levels"].dtype, conv2["kernel_levels"].shape
+    (dtype('int8'), (3, 3, 16, 32))
+    >>> sorted(conv2)  # doctest: +NORMALIZE_WHITESPACE
+    ['act_bits', 'act_gamma', 'act_step', 'kernel_levels', 'multiply_scale',
+     'weight_bits', 'weight_gamma', 'weight_step']
+    >>> conv2["weight_bits"], conv2["act_gamma"], conv2["multiply_scale"]
+    (2, 4, 0)
+    >>> sorted(exported["params"]["linear"])  # a float layer keeps its params
+    ['bias', 'kernel']
 
   Args:
     model: a trained (so calibrated) NNX model with quantized layers.
@@ -151,8 +168,8 @@ def export_integer_model(model: nnx.Module) -> dict[tp.Any, tp.Any]:
     TypeError: ``model`` is not an ``nnx.Module``.
     ValueError: a Qwix model (use Qwix's serving path); no quantized layer; a
       layer not calibrated yet (its step sizes are placeholders: train or call
-      :func:`~talr_optax.nnx.calibrate` first); a step size that is not finite
-      and > 0.
+      :func:`~talr_optax.nnx.calibrate` first); a kernel that is not finite
+      (the run diverged); a step size that is not finite and > 0.
   """
   _check_model(model)
   quantized = layers_lib.quantized_layers(model)
@@ -169,6 +186,16 @@ def export_integer_model(model: nnx.Module) -> dict[tp.Any, tp.Any]:
         f"calibrated ({', '.join(repr(n) for n in uncalibrated[:5])}): their step sizes "
         "are placeholders, not the ones training used. Train the model, or call "
         "talr_optax.nnx.calibrate(model, batch), first.")
+  # A diverged run leaves NaN/Inf kernels under finite frozen step sizes;
+  # their levels would be zeros that look like a model.
+  diverged = [_name(path) for path, layer in quantized
+              if not bool(np.all(np.isfinite(np.asarray(jax.device_get(layer.kernel[...])))))]
+  if diverged:
+    raise ValueError(
+        f"export_integer_model: the kernel of {len(diverged)} quantized layer(s) "
+        f"({', '.join(repr(n) for n in diverged[:5])}) is not finite (NaN or Inf): the "
+        "run diverged. Export a checkpoint from before it diverged, or train again (e.g. "
+        "with a lower learning rate).")
   state = nnx.state(model, nnx.All(nnx.Any(nnx.Param, nnx.BatchStat),
                                     nnx.Not(nnx.Any(*_QUANTIZER_STATE))))
   tree = jax.device_get(nnx.to_pure_dict(state))
