@@ -189,7 +189,8 @@ def freeze_oscillations(
   threshold_fn = threshold_schedule(threshold)
   _checks.check_number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True, owner=_OWNER)
   _stage.check_inner(inner, owner=_OWNER)
-  inner = optax.identity() if inner is None else inner
+  # Extra arguments (e.g. the loss) reach inner only if it takes them.
+  inner = optax.with_extra_args_support(optax.identity() if inner is None else inner)
   a = 1.0 - ema_momentum  # the reference code's momentum: the weight of the new value
   prologue = _stage.Prologue(_OWNER, FreezeOscillationsState, levels_fn,
                              layer_axes=layer_axes)

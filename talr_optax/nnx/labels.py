@@ -313,12 +313,19 @@ def param_labels(model: nnx.Module, wrt: tp.Any = nnx.Param) -> nnx.State:
   ``'batch_norm'`` (scale and bias of ``nnx.BatchNorm``), ``'full_precision'``
   (everything else: the first conv, the last linear, biases).
 
-  Example::
+  Example:
 
+    >>> import jax.numpy as jnp, optax, talr_optax
+    >>> from talr_optax import nnx as tnnx
+    >>> model = tnnx.SmallCNN(weight_bits=2, act_bits=2, rngs=nnx.Rngs(0))
+    >>> tnnx.calibrate(model, jnp.ones((4, 8, 8, 1)))
+    >>> labels = param_labels(model)
+    >>> labels["conv2"]["kernel"], labels["conv1"]["kernel"]
+    ('quantized', 'full_precision')
     >>> tx = optax.partition(
-    ...     {'quantized': sgdt(...), 'full_precision': optax.sgd(0.1, 0.9),
-    ...      'activation_scale': optax.sgd(0.01), 'batch_norm': optax.sgd(0.1)},
-    ...     param_labels(model))
+    ...     {"quantized": talr_optax.sgdt(0.1, 5e-3, levels_fn_for(model)),
+    ...      "full_precision": optax.sgd(0.1, 0.9), "activation_scale": optax.sgd(0.01),
+    ...      "batch_norm": optax.sgd(0.1)}, labels)
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   Args:

@@ -598,8 +598,19 @@ def levels_fn_from_qwix(
     See :func:`quantized_weights`.
 
   Example:
-    >>> qt_model = qwix.quantize_model(model, qwix.QtProvider(rules), x)
+    >>> import optax, talr_optax
+    >>> class MLP(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.fc1, self.fc2 = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 10, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.fc2(jax.nn.relu(self.fc1(x)))
+    >>> x = jnp.ones((4, 16))
+    >>> rules = [qwix.QtRule(module_path="fc2", weight_qtype="int2")]
+    >>> qt_model = qwix.quantize_model(MLP(nnx.Rngs(0)), qwix.QtProvider(rules), x)
     >>> levels_fn = levels_fn_from_qwix(qt_model, x)
+    >>> levels = levels_fn(nnx.state(qt_model, nnx.Param))
+    >>> levels["fc2"]["kernel"].dtype, levels["fc1"]["kernel"] is None
+    (dtype('int8'), True)
     >>> tx = talr_optax.sgdt(0.1, 5e-3, levels_fn, layer_axes=levels_fn.layer_axes)
     >>> optimizer = nnx.Optimizer(qt_model, tx, wrt=nnx.Param)
   """
