@@ -114,6 +114,10 @@ def test_qwix_example_runs_and_reports(capsys, monkeypatch):
   runpy.run_path(str(EXAMPLES / "qwix_qat.py"), run_name="__main__")
   out = capsys.readouterr().out
   assert "QAT steps" in out and "accuracy" in out.lower()
+  # Both QAT runs learn the task (SGDT diverges on some data orders and kernels:
+  # docs/qwix.md says so, and this is where another machine would show it).
+  accs = [float(v) for v in re.findall(r"(?:SGD|SGDT) +test accuracy (\S+)", out)]
+  assert len(accs) == 2 and min(accs) > 0.9, out
   _assert_doc_quotes("docs/qwix.md", "QAT steps", out)
   # SGDT's K is within a factor 2 of R while R is not small (steps 200, 400),
   # and plain SGD changes fewer levels than SGDT there.
