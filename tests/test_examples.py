@@ -8,70 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from _doc_quotes import assert_doc_quotes
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-_NUMBER = r"-?\d+(\.\d+)?(e[-+]\d+)?"
-# How far a quoted number may be from the printed one. The digits depend on the
-# CPU's matrix kernels (docs/reproducibility.md): on one machine, starting weights
-# changed in their last bit moved the quickstart's U at step 450 between 109 and
-# 149 and its final U between 1.15 and 1.66, so exact equality would hold on the
-# machine that made the quote only. A quote from an older version is further off
-# (the quickstart's before ema_momentum_for: U 0.143 against 3.72 at step 150).
-_RATIO = 2.0        # any number: within a factor 2, same sign
-_ACCURACY = 0.01    # a test accuracy (the line says "accuracy"): within 0.01, 3-4 test images
-
-
-def _shape(line: str) -> str:
-  """A printed line with every number replaced by ``#``: what must not change
-  between machines, while the digits may."""
-  return re.sub(_NUMBER, "#", line.rstrip())
-
-
-def _numbers(line: str) -> list[float]:
-  return [float(m.group()) for m in re.finditer(_NUMBER, line)]
-
-
-def _close(quoted: float, printed: float, line: str) -> bool:
-  if "accuracy" in line:
-    return abs(quoted - printed) <= _ACCURACY + 1e-9
-  if quoted == printed:
-    return True
-  if quoted * printed <= 0:
-    return False
-  return max(quoted / printed, printed / quoted) <= _RATIO
-
-
-def _quoted_output(doc: str, marker: str) -> list[str]:
-  """The lines of the code block of ``doc`` (under the repo root) containing ``marker``."""
-  blocks, block = [], None
-  for line in (ROOT / doc).read_text().splitlines():
-    if line.startswith("```") and block is None:  # opens a block
-      block = []
-    elif line.startswith("```"):  # closes it
-      blocks.append(block)
-      block = None
-    elif block is not None:
-      block.append(line)
-  (quoted,) = [b for b in blocks if any(marker in line for line in b)]
-  return quoted
-
-
-def _assert_doc_quotes(doc: str, marker: str, out: str) -> None:
-  """The code block of ``doc`` containing ``marker`` is what the command printed
-  (``out``): all its non-empty lines, in order, with the same words, and every
-  number within ``_RATIO`` (a test accuracy within ``_ACCURACY``) of the printed one."""
-  quoted = [l.rstrip() for l in _quoted_output(doc, marker)]
-  printed = [l.rstrip() for l in out.splitlines() if l.strip()]
-  assert [_shape(l) for l in quoted] == [_shape(l) for l in printed], (
-      f"{doc} quotes other lines than the command prints:\n" + "\n".join(printed))
-  stale = [(q, p) for q, p in zip(quoted, printed)
-           if not all(_close(a, b, p) for a, b in zip(_numbers(q), _numbers(p)))]
-  assert not stale, (
-      f"{doc} quotes numbers the command no longer prints (quoted, then printed):\n"
-      + "\n".join(f"  {q}\n  {p}" for q, p in stale)
-      + "\nThe command printed:\n" + "\n".join(printed))
 
 
 def test_quickstart_runs_and_reports(capsys, monkeypatch):
@@ -104,7 +44,7 @@ def test_quickstart_runs_and_reports(capsys, monkeypatch):
   u_end = float(re.search(r"end (\S+)", out).group(1))
   assert 0.05 < u[0] < u[1] < u[2]
   assert u[2] > 1000 * 0.05 and u_end < u[2] / 10
-  _assert_doc_quotes("docs/method.md", "SGDT K", out)
+  assert_doc_quotes("docs/method.md", "SGDT K", out)
 
 
 def test_qwix_example_runs_and_reports(capsys, monkeypatch):
@@ -118,7 +58,7 @@ def test_qwix_example_runs_and_reports(capsys, monkeypatch):
   # docs/qwix.md says so, and this is where another machine would show it).
   accs = [float(v) for v in re.findall(r"(?:SGD|SGDT) +test accuracy (\S+)", out)]
   assert len(accs) == 2 and min(accs) > 0.9, out
-  _assert_doc_quotes("docs/qwix.md", "QAT steps", out)
+  assert_doc_quotes("docs/qwix.md", "QAT steps", out)
   # SGDT's K is within a factor 2 of R while R is not small (steps 200, 400),
   # and plain SGD changes fewer levels than SGDT there.
   sgdt = out.split("SGDT test accuracy")[1]
