@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 import pytest
@@ -152,3 +153,36 @@ def test_performance_scaling_state_bytes_and_recompiles_are_the_committed_files(
   assert "0 recompilations and 0 retraces after the first step over 50 steps" in text
   assert all(r["recompiles_after_first_step"] == r["retraces_after_first_step"] == 0
              and r["steps"] == 50 for r in recompiles)
+
+
+@pytest.mark.parametrize("name, header", [
+    ("sampling_fidelity_digits_cnn.json", "SmallCNN (both quantized tensors"),
+    ("sampling_fidelity_digits_mobilenet.json", "MobileNetV2Tiny (12 quantized tensors"),
+    ("sampling_fidelity_lm.json", "**Language model**"),
+])
+def test_benchmarks_readme_sampling_tables_are_the_committed_files(name, header):
+  """benchmarks/README.md's sampling-fidelity tables: every number is the file's."""
+  summary = _results(name)["summary"]
+  lines = (ROOT / "benchmarks" / "README.md").read_text().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header))
+  table_start = next(i for i in range(start, len(lines)) if lines[i].startswith("| N |"))
+  rows = []
+  for line in lines[table_start + 2:]:
+    if not line.startswith("|"):
+      break
+    rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+  assert len(rows) == len(summary)
+  for row, s in zip(rows, summary):
+    expected = [s["sample_size"]]
+    if "counted_weights" in s:  # the LM table: groups sampled (words), then "3,072 of 98,304"
+      row = [row[0]] + row[2:]
+      expected += [s["counted_weights"], s["weights"]]
+    expected += list(s["mean_abs_error_per_seed"]) + [
+        s["mean_abs_error"], s["mean_signed_error"], s["expected_se_at_r0"],
+        s["expected_mean_abs_error"]] + [s["replayed_on_exact_runs"][k] for k in
+                                         ("grid", "fixed_random", "fresh_random")]
+    for key in ("accuracy_sampled", "accuracy_exact", "bits_per_byte_sampled",
+                "bits_per_byte_exact"):
+      if key in s:  # mean ± standard deviation over the seeds
+        expected += [float(np.mean(s[key])), float(np.std(s[key]))]
+    _assert_row("benchmarks/README.md", row, slice(0, None), expected)
