@@ -19,6 +19,7 @@ pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from _doc_quotes import numbers, quoted_line, shape  # pylint: disable=g-import-not-at-top
 from talr_optax import demo  # pylint: disable=g-import-not-at-top
 from talr_optax.demo import runner as demo_runner  # pylint: disable=g-import-not-at-top
 from talr_optax.demo import train as demo_train  # pylint: disable=g-import-not-at-top
@@ -363,6 +364,12 @@ def test_tiny_run_and_its_resume_from_checkpoint_dir_are_bit_identical(tmp_path,
   _assert_results(tmp_path / "a", straight, epochs=2)
   printed = capsys.readouterr().out
   assert_readable_in_a_file(printed, rows=2)
+  # docs/serving.md quotes the export line of --quick, whose model this run
+  # trains: the same words, and the same byte counts (the scores differ).
+  (export,) = [line for line in printed.splitlines() if line.startswith("export W2 seed 0")]
+  quoted = quoted_line("docs/serving.md", "58,490 bytes", "export W2 seed 0")
+  assert shape(export) == shape(quoted), (export, quoted)
+  assert numbers(export.split(";")[0]) == numbers(quoted.split(";")[0]), (export, quoted)
   # Progress in a file: one plain line per epoch, the last one at the total.
   progress = [line for line in printed.splitlines() if line.startswith("[")]
   assert progress[-1].startswith("[5/5 epochs] seed 0 W2A2  SGDT: epoch 2/2 loss ")

@@ -205,6 +205,13 @@ def test_tiny_lm_run_writes_results_and_figures(tmp_path, capsys):
       assert export["integer_score"] == pytest.approx(export["qat_score"], rel=1e-5)
       assert export["export_packed_bytes"] < export["export_bytes"] < export["float_state_bytes"]
   assert printed.count("export W2 seed") == 2
+  # docs/serving.md quotes the export line of --task lm --quick: the same words
+  # (this tiny model has other byte counts and scores).
+  from _doc_quotes import quoted_line, shape  # pylint: disable=import-outside-toplevel
+  quoted = quoted_line("docs/serving.md", "544,316 bytes", "export W2 seed 0")
+  for line in printed.splitlines():
+    if line.startswith("export W2 seed"):
+      assert shape(line) == shape(quoted), (line, quoted)
   assert all("U" in g for g in talr_run["groups"].values())
   scale = baselines[0]["lr_scale"]
   np.testing.assert_allclose(baselines[0]["trace"]["lr"],

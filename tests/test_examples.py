@@ -8,40 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from _doc_quotes import assert_doc_quotes
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-def _shape(line: str) -> str:
-  """A printed line with every number replaced by ``#``: what must not change
-  between machines, while the digits may."""
-  return re.sub(r"-?\d+(\.\d+)?(e[-+]\d+)?", "#", line.rstrip())
-
-
-def _quoted_output(doc: str, marker: str) -> list[str]:
-  """The lines of the code block of ``doc`` (under the repo root) containing ``marker``."""
-  blocks, block = [], None
-  for line in (ROOT / doc).read_text().splitlines():
-    if line.startswith("```") and block is None:  # opens a block
-      block = []
-    elif line.startswith("```"):  # closes it
-      blocks.append(block)
-      block = None
-    elif block is not None:
-      block.append(line)
-  (quoted,) = [b for b in blocks if any(marker in line for line in b)]
-  return quoted
-
-
-def _assert_doc_quotes(doc: str, marker: str, out: str, whole: bool) -> None:
-  """``doc`` quotes lines the example prints, up to the digits (and, if
-  ``whole``, all of them, in order)."""
-  quoted = [_shape(l) for l in _quoted_output(doc, marker)]
-  printed = [_shape(l) for l in out.splitlines() if l.strip()]
-  if whole:
-    assert quoted == printed, (doc, quoted, printed)
-  else:
-    assert set(quoted) <= set(printed), (doc, set(quoted) - set(printed))
 
 
 def test_quickstart_runs_and_reports(capsys, monkeypatch):
@@ -62,10 +32,19 @@ def test_quickstart_runs_and_reports(capsys, monkeypatch):
     target, k_sgd, k_sgdt = float(row[3]), float(row[6]), float(row[9])
     assert min(k_sgd, k_sgdt) > 0
     assert abs(math.log(k_sgdt / target)) < abs(math.log(k_sgd / target))
-  # U rises from U_0 = 0.05 while K is below R (docs/method.md reads this).
+  # What docs/method.md reads from it, with room for another CPU's kernels:
+  # SGDT's K follows R from step 150 on, plain SGD's stays below a third of it,
+  # U rises from U_0 = 0.05 to over a thousand times U_0 by step 450, and falls
+  # again as R goes to 0.
+  for row in rows:
+    target, k_sgd, k_sgdt = float(row[3]), float(row[6]), float(row[9])
+    assert 0.6 < k_sgdt / target < 1.5, row
+    assert k_sgd / target < 0.3, row
   u = [float(r[11]) for r in rows]
-  assert 0.05 < u[0] < u[1]
-  _assert_doc_quotes("docs/method.md", "SGDT K", out, whole=False)
+  u_end = float(re.search(r"end (\S+)", out).group(1))
+  assert 0.05 < u[0] < u[1] < u[2]
+  assert u[2] > 1000 * 0.05 and u_end < u[2] / 10
+  assert_doc_quotes("docs/method.md", "SGDT K", out)
 
 
 def test_qwix_example_runs_and_reports(capsys, monkeypatch):
@@ -75,7 +54,11 @@ def test_qwix_example_runs_and_reports(capsys, monkeypatch):
   runpy.run_path(str(EXAMPLES / "qwix_qat.py"), run_name="__main__")
   out = capsys.readouterr().out
   assert "QAT steps" in out and "accuracy" in out.lower()
-  _assert_doc_quotes("docs/qwix.md", "QAT steps", out, whole=True)
+  # Both QAT runs learn the task (SGDT diverges on some data orders and kernels:
+  # docs/qwix.md says so, and this is where another machine would show it).
+  accs = [float(v) for v in re.findall(r"(?:SGD|SGDT) +test accuracy (\S+)", out)]
+  assert len(accs) == 2 and min(accs) > 0.9, out
+  assert_doc_quotes("docs/qwix.md", "QAT steps", out)
   # SGDT's K is within a factor 2 of R while R is not small (steps 200, 400),
   # and plain SGD changes fewer levels than SGDT there.
   sgdt = out.split("SGDT test accuracy")[1]
