@@ -1,14 +1,13 @@
-"""The QAT study (benchmarks/qat_study.py): a --quick run's schema, its statistics
-recomputed from its own runs, a rerun giving identical numbers, and the committed
-quick.json having the same rows.
+"""The QAT study (benchmarks/qat_study.py): its tuning rule, flags, statistics and files.
 
-Never asserts a time or a training result: only structure, arithmetic the file
-must satisfy, and determinism.
+Never asserts a time or a training result: only the procedure (which values
+are tried), flags refused before any training, arithmetic the results must
+satisfy (recomputed with NumPy and SciPy), determinism, and the committed
+files' agreement with their own runs.
 """
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -20,144 +19,223 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import qat_study  # noqa: E402  pylint: disable=wrong-import-position
+import _study_tasks  # noqa: E402  pylint: disable=wrong-import-position
 
-ROW_KEYS = {"task", "bits", "arm", "seeds", "metric", "mean", "std",
-            "paired_diff_vs_best_baseline", "paired_diff_ci95", "tracking_error",
-            "late_oscillation", "frozen_fraction", "tuned_value"}
-MACHINE_KEYS = {"cpu_model", "cpu_count", "jax", "jaxlib", "optax", "flax", "xla_flags",
-                "onednn_max_cpu_isa"}
-QAT_ARMS = ("adamw", "adamw_dampening", "adamw_freezing", "adamwt", "adamwt_freezing")
+COMMITTED = BENCH / "results" / "qat_study"
 
 
-def _check_schema(results):
-  assert MACHINE_KEYS <= set(results["machine"])
-  rows = results["summary"]
-  bits = tuple(results["config"]["bits"])
-  assert {(r["bits"], r["arm"]) for r in rows} == (
-      {(None, qat_study.FP_REFERENCE)} | {(b, a) for b in bits for a in QAT_ARMS})
-  values = {a["name"]: a["values"] for a in results["arms"]}
-  for r in rows:
-    assert ROW_KEYS <= set(r), r["arm"]
-    assert r["task"] == "lm" and r["metric"] == "bits_per_byte"
-    assert r["seeds"] == list(range(1, results["config"]["seeds"] + 1))  # not the tuning seed
-    assert r["tuned_value"] in values[r["arm"]]
-    assert (r["frozen_fraction"] is not None) == r["arm"].endswith("freezing")
-    if r["frozen_fraction"] is not None:
-      assert 0.0 <= r["frozen_fraction"] <= 1.0
-    if r["bits"] is None:
-      assert r["paired_diff_ci95"] is None and r["tracking_error"] is None
-      continue
-    assert r["tracking_error"] >= 0 and r["late_oscillation"] >= 0
-    low, high = r["paired_diff_ci95"]
-    assert low <= r["paired_diff_vs_best_baseline"] <= high
-    assert r["conclusion"] == ("better" if high < 0 else "worse" if low > 0
-                               else "no detectable difference")
+# ---------------------------------------------------------------------------
+# The tuning rule.
 
 
-def _check_statistics(results):
-  """Means, stds and paired intervals recomputed from the runs (NumPy, SciPy)."""
-  runs = results["runs"]
-  final = {(r["bits"], r["arm"], r["seed"]): r["final"] for r in runs}
-  for r in results["summary"]:
-    mine = [final[r["bits"], r["arm"], s] for s in r["seeds"]]
-    assert r["mean"] == pytest.approx(np.mean(mine), rel=1e-12)
-    assert r["std"] == pytest.approx(np.std(mine, ddof=1), rel=1e-12)
-    if r["bits"] is None:
-      continue
-    baselines = [x for x in results["summary"] if x["bits"] == r["bits"]
-                 and x["arm"] in qat_study.BASELINES]
-    best = min(baselines, key=lambda x: x["mean"])
-    assert r["best_baseline"] == (best["arm"] if r is not best else
-                                  sorted(baselines, key=lambda x: x["mean"])[1]["arm"])
-    d = np.array(mine) - np.array([final[r["bits"], r["best_baseline"], s] for s in r["seeds"]])
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    assert r["paired_diff_vs_best_baseline"] == pytest.approx(d.mean(), abs=1e-12)
-    np.testing.assert_allclose(r["paired_diff_ci95"], [d.mean() - half, d.mean() + half],
-                               rtol=1e-9, atol=1e-12)
-    if r["arm"] == "adamw":
-      assert r["paired_diff_vs_adamw"] is None
-      continue
-    d = np.array(mine) - np.array([final[r["bits"], "adamw", s] for s in r["seeds"]])
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    assert r["paired_diff_vs_adamw"] == pytest.approx(d.mean(), abs=1e-12)
-    np.testing.assert_allclose(r["paired_diff_vs_adamw_ci95"], [d.mean() - half, d.mean() + half],
-                               rtol=1e-9, atol=1e-12)
-    assert r["better_than_adamw_on_seeds"] == int((d < 0).sum())
+def _bracket(scores, start=(1.0, 2.0, 4.0), factor=2.0, upper=math.inf, max_runs=6):
+  tried = []
+
+  def score_at(v):
+    tried.append(v)
+    return scores(v)
+
+  chosen, table, interior = qat_study.bracket(start, factor, upper, max_runs, score_at)
+  return chosen, tried, interior, table
 
 
-def _numbers(results):
-  return {"summary": results["summary"], "runs": results["runs"],
-          "tuning_runs": results["tuning_runs"], "pretraining": results["pretraining"]}
+def test_bracket_extends_past_the_best_end_until_interior():
+  # A minimum at 0.25: two extensions downwards, then interior.
+  chosen, tried, interior, _ = _bracket(lambda v: (math.log2(v) + 2) ** 2)
+  assert tried == [1.0, 2.0, 4.0, 0.5, 0.25, 0.125] and chosen == 0.25 and interior
+  chosen, tried, interior, _ = _bracket(lambda v: (math.log2(v) - 3) ** 2)
+  assert tried == [1.0, 2.0, 4.0, 8.0, 16.0] and chosen == 8.0 and interior
+  chosen, tried, interior, _ = _bracket(lambda v: (math.log2(v) - 1) ** 2)
+  assert tried == [1.0, 2.0, 4.0] and chosen == 2.0 and interior
 
 
-def test_quick_run_schema_statistics_and_identical_rerun(tmp_path):
-  first = qat_study.main(["--quick", "--out", str(tmp_path / "a")])
-  with open(tmp_path / "a" / "quick.json") as f:
-    saved = json.load(f)
-  assert json.loads(json.dumps(_numbers(first))) == _numbers(saved)
-  _check_schema(saved)
-  _check_statistics(saved)
-  assert saved["machine"]["onednn_max_cpu_isa"] == os.environ.get("ONEDNN_MAX_CPU_ISA")
-  for name in saved["figures"]:
-    assert (tmp_path / "a" / name).stat().st_size > 0
-  second = qat_study.main(["--quick", "--out", str(tmp_path / "b")])
-  assert _numbers(second) == _numbers(first)
+def test_bracket_stops_at_its_budget_and_its_bound():
+  chosen, tried, interior, _ = _bracket(lambda v: -v)  # better and better upwards
+  assert len(tried) == 6 and chosen == 32.0 and interior is False
+  chosen, tried, interior, _ = _bracket(lambda v: -v, upper=5.0)
+  assert tried == [1.0, 2.0, 4.0] and chosen == 4.0 and interior is False
 
 
-def test_committed_quick_json_has_the_schema_and_its_statistics():
-  with open(BENCH / "results" / "qat_study" / "quick.json") as f:
-    saved = json.load(f)
-  assert saved["config"]["quick"]
-  _check_schema(saved)
-  _check_statistics(saved)
+def test_a_diverged_run_is_worse_than_any_other():
+  # 8 diverges (NaN): 4 is the best and interior, next to a diverging value.
+  chosen, tried, interior, _ = _bracket(lambda v: float("nan") if v >= 8 else -v)
+  assert tried == [1.0, 2.0, 4.0, 8.0] and chosen == 4.0 and interior
 
 
-def test_committed_full_run_has_the_schema_its_statistics_and_the_issue_s_size():
-  with open(BENCH / "results" / "qat_study" / "results.json") as f:
-    saved = json.load(f)
-  cfg = saved["config"]
-  assert not cfg["quick"] and cfg["seeds"] >= 5 and cfg["steps"] >= 2000
-  assert set(cfg["bits"]) >= {2, 3}
-  assert saved["model"]["quantized_parameters"] > 98_304  # the demo's language model
-  assert all(len(a["values"]) == 3 for a in saved["arms"])  # one tuning budget for all
-  _check_schema(saved)
-  _check_statistics(saved)
-  assert "/" not in " ".join(saved["machine"]["argv"])  # no machine paths in the file
-  for name in saved["figures"]:
-    assert (BENCH / "results" / "qat_study" / name).stat().st_size > 0
+def test_ties_go_to_the_middle_of_the_grid():
+  chosen, tried, interior, _ = _bracket(lambda v: 1.0)
+  assert tried == [1.0, 2.0, 4.0] and chosen == 2.0 and interior
 
 
-def test_from_results_recomputes_the_committed_summary_without_training(tmp_path):
-  source = BENCH / "results" / "qat_study" / "quick.json"
-  with open(source) as f:
-    saved = json.load(f)
-  for row in saved["summary"]:  # what a summary computed by older code would lack
-    row.pop("paired_diff_vs_adamw", None)
-    row["paired_diff_ci95"] = None
-  stale = tmp_path / "quick.json"
-  stale.write_text(json.dumps(saved))
-  again = qat_study.main(["--from-results", str(stale), "--out", str(tmp_path / "out")])
-  with open(source) as f:
-    assert again["summary"] == json.load(f)["summary"]
-  assert (tmp_path / "out" / "quick.json").exists()
+def test_every_tuned_arm_has_the_same_budget_and_its_dependencies_first():
+  for task in ("lm", "conv"):
+    specs = qat_study.arm_specs(task)
+    names = [a.name for a in specs]
+    for i, a in enumerate(specs):
+      assert all(names.index(n) < i for n, _ in a.needs), a.name
+      if a.knob is not None:
+        assert len(a.start) == 3 and a.start == tuple(sorted(a.start))
+    role = qat_study.roles(task)
+    assert role["remedies"] == tuple(f"{role['base'][0]}_{r}" for r in ("dampening", "freezing"))
+    assert len(role["talr"]) == 4
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "cannot read a results file"), ("{not json", "cannot read a results file"),
-    ('{"summary": []}', "has no 'summary' and 'runs'"),
+# ---------------------------------------------------------------------------
+# Flags: refused before any training.
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "1"], "--seeds must be an int >= 2"),
+    (["--arms", "adamw,nope"], "unknown"),
+    (["--arms", "adamw_freezing,adamwt"], "adamw_freezing runs with the tuned values of"),
+    (["--arms", "adamw,adamwt_freezing"], "adamwt_freezing runs with the tuned values of"),
+    (["--arms", ","], "--arms"),
+    (["--width", "100000"], "--width must be an even int in"),
+    (["--width", "81"], "--width must be an even int in"),
+    (["--task", "conv", "--width", "64"], "--width is the lm model's width"),
+    (["--bits", "2,5"], "--bits must be"),
+    (["--bits", "two"], "--bits must be"),
+    (["--task", "conv", "--arms", "adamw"], "unknown"),
+])
+def test_bad_flags_exit_before_training(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    qat_study.main(argv + ["--out", "/nonexistent-dir-is-checked-later"])
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(SystemExit):
+    qat_study.main(["--task", "conv", "--out", str(blocker / "sub")])
+  assert "--out: cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json", "cannot read a results file"),
+    ('{"summary": []}', "not a results file of this script"),
 ])
 def test_from_results_refuses_what_is_not_a_results_file(tmp_path, capsys, content, message):
-  path = tmp_path / "r.json"
-  if content is not None:
-    path.write_text(content)
-  with pytest.raises(SystemExit) as exit_info:
-    qat_study.main(["--from-results", str(path), "--out", str(tmp_path / "out")])
-  assert exit_info.value.code == 2
-  assert message in capsys.readouterr().err
-  assert not (tmp_path / "out").exists()
-
-
-def test_unknown_arm_is_refused(capsys):
+  path = tmp_path / "x.json"
+  path.write_text(content)
   with pytest.raises(SystemExit):
-    qat_study.main(["--quick", "--arms", "adamw,sgd"])
-  assert "--arms: unknown ['sgd']" in capsys.readouterr().err
+    qat_study.main(["--from-results", str(path), "--out", str(tmp_path)])
+  assert message in capsys.readouterr().err
+
+
+def test_from_results_refuses_training_flags(tmp_path, capsys):
+  path = tmp_path / "x.json"
+  path.write_text('{"runs": [], "tuning": [], "task": {}}')
+  with pytest.raises(SystemExit):
+    qat_study.main(["--from-results", str(path), "--arms", "adamw", "--seeds", "3",
+                    "--out", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert "--arms" in err and "--seeds" in err and "would be ignored" in err
+
+
+# ---------------------------------------------------------------------------
+# The summary: a function of the runs, checked against SciPy.
+
+
+def _synthetic_results():
+  """Conv-shaped results with known numbers: 3 bit-free seeds, every arm at W2."""
+  rng = np.random.default_rng(0)
+  role = qat_study.roles("conv")
+  arms = [a for a in qat_study.arm_specs("conv")]
+  runs, tuning = [], []
+  seed0 = {a.name: 5.0 + i for i, a in enumerate(arms)}
+  seed0["sgdt_freezing"] = 1.0  # the best TALR arm on seed 0
+  seed0["sgd_freezing"] = 2.0  # the best remedy and baseline on seed 0
+  for a in arms:
+    chosen = a.start[1] if a.knob else None
+    tried = ([{"value": v, "seed0": seed0[a.name] + (0 if v == chosen else 1)} for v in a.start]
+             if a.knob else [{"value": None, "seed0": seed0[a.name]}])
+    tuning.append({"arm": a.name, "bits": 2, "knob": a.knob, "chosen": chosen,
+                   "interior": True if a.knob else None, "values": {}, "tried": tried})
+    runs.append({"arm": a.name, "bits": 2, "seed": 0, "final": seed0[a.name],
+                 "final_as_trained": seed0[a.name] + 1, "tuning_run": True})
+    for seed in (1, 2, 3, 4):
+      final = 4.0 + rng.normal()
+      runs.append({"arm": a.name, "bits": 2, "seed": seed, "final": final,
+                   "final_as_trained": final + rng.normal(), "tracking_error": 0.1,
+                   "late_oscillation": 1e-3, "frozen_fraction": None, "r0": 0.01})
+  tuning[0]["interior"] = False  # an edge: listed as a caveat
+  return {"task": {"name": "conv"}, "runs": runs, "tuning": tuning}, role
+
+
+def _t_interval(d):
+  d = np.asarray(d)
+  half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+  return d.mean(), (d.mean() - half, d.mean() + half)
+
+
+def test_summary_recomputed_with_scipy():
+  results, role = _synthetic_results()
+  s = qat_study.summarize(results)
+  finals = {(r["arm"], r["seed"]): r for r in results["runs"]}
+  rows = {r["arm"]: r for r in s["rows"]}
+  assert set(rows) == {a.name for a in qat_study.arm_specs("conv")}
+  for arm, row in rows.items():
+    mine = [finals[(arm, k)]["final"] for k in (1, 2, 3, 4)]
+    assert row["seeds"] == [1, 2, 3, 4]  # not the tuning seed
+    assert row["mean"] == pytest.approx(np.mean(mine))
+    assert row["std"] == pytest.approx(np.std(mine, ddof=1))
+    effect = [finals[(arm, k)]["final"] - finals[(arm, k)]["final_as_trained"] for k in (1, 2, 3, 4)]
+    assert row["reestimation_effect"]["mean"] == pytest.approx(np.mean(effect))
+    v = row["vs_best_baseline"]
+    ref = "sgd_freezing" if arm != "sgd_freezing" else "sgd"  # picked on seed 0
+    assert v["reference"] == ref
+    mean, (low, high) = _t_interval([finals[(arm, k)]["final"] - finals[(ref, k)]["final"]
+                                     for k in (1, 2, 3, 4)])
+    assert v["mean"] == pytest.approx(mean) and v["ci95"] == pytest.approx([low, high])
+    assert v["conclusion"] == ("better" if high < 0 else "worse" if low > 0
+                               else "no detectable difference")
+  comparisons = {(v["comparison"], v["arm"], v["reference"]) for v in s["verdicts"]}
+  assert comparisons == {
+      ("best TALR arm vs best remedy", "sgdt_freezing", "sgd_freezing"),
+      ("best TALR arm vs best baseline", "sgdt_freezing", "sgd_freezing"),
+      ("SGDT, measured R0 vs SGDT (tuned)", "sgdt_measured", "sgdt"),
+      ("SGDT, default lambda vs SGDT (tuned)", "sgdt_default", "sgdt")}
+  assert all(v["as_trained"] is not None for v in s["verdicts"])
+  assert s["at_grid_edge"] == [{"bits": 2, "arm": "sgd", "chosen": 0.1}]
+
+
+def test_a_subset_of_arms_summarizes_without_the_missing_ones():
+  results, _ = _synthetic_results()
+  keep = {"sgd", "sgdt"}
+  results["runs"] = [r for r in results["runs"] if r["arm"] in keep]
+  results["tuning"] = [t for t in results["tuning"] if t["arm"] in keep]
+  s = qat_study.summarize(results)
+  assert {r["arm"] for r in s["rows"]} == keep
+  assert [(v["arm"], v["reference"]) for v in s["verdicts"]] == [("sgdt", "sgd")]
+
+
+# ---------------------------------------------------------------------------
+# A tiny real study: every piece runs, the file recomputes, a rerun is identical.
+
+
+def test_tiny_conv_study_writes_a_file_that_recomputes_and_reruns_identically(tmp_path):
+  cfg = qat_study.StudyConfig(
+      task="conv", bits=(2,), seeds=2, arms=("sgd", "sgd_freezing", "sgdt"),
+      quick=True, conv=_study_tasks.ConvSettings(epochs=1, fp_epochs=1, bn_batches=2,
+                                                 eval_every_epochs=1))
+  task = qat_study.make_task(cfg)
+  task.prepare()
+  results = qat_study.study(cfg, task)
+  results["machine"] = qat_study.machine()
+  path = qat_study._write(results, tmp_path, "conv_quick")  # pylint: disable=protected-access
+  saved = json.loads(Path(path).read_text())
+  assert {f.split("_")[-1] for f in saved["figures"]} == {"paired.png", "tuning.png",
+                                                         "tracking.png"}
+  tuned = [t for t in saved["tuning"] if t["knob"]]
+  assert all(len(t["tried"]) == 2 for t in tuned)  # quick: two values, no extension
+  assert {r["arm"] for r in saved["summary"]["rows"]} == set(cfg.arms)
+  for r in saved["runs"]:
+    assert math.isfinite(r["final"]) and math.isfinite(r["final_as_trained"])
+    assert (r["frozen_fraction"] is not None) == r["arm"].endswith("freezing")
+  again = qat_study.resummarize(path, tmp_path / "again")
+  assert again["summary"] == saved["summary"]
+  one = next(r for r in saved["runs"] if r["arm"] == "sgdt" and r["seed"] == 1)
+  rerun = task.run(_study_tasks.Arm("sgd", talr=True), 2, 1, one["values"])
+  assert rerun["final"] == one["final"] and rerun["final_as_trained"] == one["final_as_trained"]
