@@ -126,6 +126,7 @@ def sgdt(
     additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
+    max_talr: Optional[float] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
     centers_fn: Any = None,
     freeze_ema_momentum: float = 0.999,
@@ -157,6 +158,8 @@ def sgdt(
       :func:`talr_optax.scale_by_talr`).
     sample_size: count transitions on at most this many weights per rate
       group (``None``: all).
+    max_talr: ``None``, or the largest TALR learning rate ``U`` (see
+      :func:`talr_optax.scale_by_talr`).
     freeze_threshold: ``None``, or freeze oscillating quantized weights with
       :func:`talr_optax.freeze_oscillations` at this threshold (float or
       schedule), wrapped around the TALR stage so that TALR counts the
@@ -178,6 +181,7 @@ def sgdt(
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
                       additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
+                      max_talr=max_talr,
                       freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("sgdt", *stages)
 
@@ -205,6 +209,7 @@ def adamt(
     additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
+    max_talr: Optional[float] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
     centers_fn: Any = None,
     freeze_ema_momentum: float = 0.999,
@@ -221,6 +226,7 @@ def adamt(
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
                       additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
+                      max_talr=max_talr,
                       freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("adamt", *stages)
 
@@ -241,6 +247,7 @@ def adamwt(
     additive_step: Optional[float] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
+    max_talr: Optional[float] = None,
     freeze_threshold: Optional[optax.ScalarOrSchedule] = None,
     centers_fn: Any = None,
     freeze_ema_momentum: float = 0.999,
@@ -257,5 +264,6 @@ def adamwt(
   stages.append(_talr(learning_rate, target_transition_rate, levels_fn,
                       ema_momentum=ema_momentum, rule=rule, granularity=granularity,
                       additive_step=additive_step, layer_axes=layer_axes, sample_size=sample_size,
+                      max_talr=max_talr,
                       freeze=(freeze_threshold, centers_fn, freeze_ema_momentum)))
   return _chain("adamwt", *stages)

@@ -145,6 +145,7 @@ def scale_by_talr(
     fallback_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     layer_axes: Any = None,
     sample_size: Optional[int] = None,
+    max_talr: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales updates of quantized weights by the transition-adaptive learning rate.
 
@@ -207,6 +208,10 @@ def scale_by_talr(
       group with more than ``N`` weights on a fixed grid of at most ``N`` of
       them (see :func:`talr_optax.counting.sample_strides`) and stores only
       their levels.
+    max_talr: ``None``, or the largest ``U`` (``>= learning_rate``): ``U``
+      and ``c`` stop there. When the gradient of the quantized weights
+      vanishes, ``U`` grows to keep ``K`` at ``R``; if the gradient comes back
+      while ``U`` is large, one update can move many weights at once.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -219,13 +224,14 @@ def scale_by_talr(
   owner = "scale_by_talr"
   ema_momentum = schedules.resolve_ema_momentum(ema_momentum, target_transition_rate)
   _check_talr_arguments(levels_fn, learning_rate, rule, ema_momentum, additive_step,
-                        granularity, layer_axes, sample_size)
+                        granularity, layer_axes, sample_size, max_talr)
   target_fn = _target_schedule(target_transition_rate, "target_transition_rate", owner)
   fallback_fn = None if fallback_learning_rate is None else _stage.schedule(
       "fallback_learning_rate", fallback_learning_rate, 0.0, np.inf, low_open=True,
       high_open=True, owner=owner)
   adapt = _adaptation(rule, ema_momentum, learning_rate,
-                      eta=learning_rate if additive_step is None else additive_step)
+                      eta=learning_rate if additive_step is None else additive_step,
+                      max_talr=_RATE_MAX if max_talr is None else max_talr)
   measuring = _Measuring.of(target_transition_rate)
   prologue = _stage.Prologue(owner, ScaleByTALRState, levels_fn, layer_axes=layer_axes,
                              sample_size=sample_size, global_rate=granularity == "global")
@@ -282,7 +288,7 @@ def scale_by_talr(
 
 
 def _check_talr_arguments(levels_fn, learning_rate, rule, ema_momentum, additive_step,
-                          granularity, layer_axes, sample_size) -> None:
+                          granularity, layer_axes, sample_size, max_talr) -> None:
   """The checks of :func:`scale_by_talr`'s arguments, each naming the argument."""
   _check_measure(levels_fn, ema_momentum, sample_size, "scale_by_talr", ("levels_fn",))
   _checks.check_number("learning_rate", learning_rate, 0.0, np.inf,
@@ -300,6 +306,10 @@ def _check_talr_arguments(levels_fn, learning_rate, rule, ema_momentum, additive
     raise ValueError(
         "layer_axes gives each layer its own rate, which granularity='global'"
         " pools into one: pass one or the other.")
+  if max_talr is not None:
+    low = _checks.concrete_float(learning_rate)
+    _checks.check_number("max_talr", max_talr, 0.0 if low is None else low, np.inf,
+                         high_open=True, owner="scale_by_talr")
 
 
 class _Measuring(NamedTuple):
@@ -355,15 +365,16 @@ def _target(measuring: Optional[_Measuring], layout: _layout.Layout, target_fn: 
   return r0, R.astype(RATE_DTYPE)
 
 
-def _adaptation(rule: str, m: float, learning_rate: Any, eta: Any):
-  """``(K_(n+1), U_n, c_n, R(n+1)) -> (U_(n+1), c_(n+1))`` of the rule."""
+def _adaptation(rule: str, m: float, learning_rate: Any, eta: Any, max_talr: Any):
+  """``(K_(n+1), U_n, c_n, R(n+1)) -> (U_(n+1), c_(n+1))`` of the rule, ``U <= max_talr``."""
 
   def adapt(K, U, c, R):
     if rule == "additive":
-      U = jnp.maximum(0.0, U + eta * (R - K))
+      U = jnp.clip(U + eta * (R - K), 0.0, max_talr)
     else:
-      c = jnp.minimum(m * c + (1.0 - m) * c * R / (K + _EPS), _RATE_MAX)
-      U = jnp.minimum(learning_rate * c, _RATE_MAX)
+      c = jnp.minimum(m * c + (1.0 - m) * c * R / (K + _EPS), max_talr / learning_rate)
+      c = jnp.minimum(c, _RATE_MAX)
+      U = jnp.minimum(learning_rate * c, max_talr)
     return U.astype(RATE_DTYPE), c.astype(RATE_DTYPE)
 
   return adapt

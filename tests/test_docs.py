@@ -24,13 +24,13 @@ def _code_block(doc: str, marker: str) -> str:
 
 
 def test_method_cap_on_u_runs_as_written_and_bounds_u():
-  """docs/method.md's ``cap_talr``: U stops at the cap, c follows it, and the
-  same steps without the cap take U far above it."""
+  """docs/method.md's ``max_talr`` snippet: U stops at the cap, c follows it,
+  and the same steps without the cap take U far above it."""
   params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8), "b": jnp.zeros(8)}
   levels_fn = talr.levels_fn_from_scales({"w": 1.0, "b": None}, bits=2)
   target = talr.cosine_target(talr.initial_target(2), 200)
   namespace = {"target": target, "levels_fn": levels_fn}
-  exec(compile(_code_block("docs/method.md", "def cap_talr"), "docs/method.md", "exec"),
+  exec(compile(_code_block("docs/method.md", "max_talr=0.5"), "docs/method.md", "exec"),
        namespace)  # pylint: disable=exec-used
   capped = namespace["tx"]
   plain = optax.chain(optax.trace(0.9), talr.scale_by_talr(

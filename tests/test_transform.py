@@ -518,3 +518,33 @@ def test_measured_target_arguments():
     dataclasses.replace(talr.measured_target(100), measure_fraction=0.0)
   target = talr.measured_target(100)
   assert float(target(0)) == pytest.approx(1.0) and float(target(100)) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("rule", ["multiplicative", "additive"])
+def test_max_talr_bounds_u_and_c(rule):
+  """A vanishing gradient makes U grow; max_talr stops it, and c stays U / lr."""
+  params = {"w": jnp.linspace(-0.9, 0.9, 40)}
+  levels_fn = talr.levels_fn_from_scales({"w": 1.0}, 2)
+  lr, cap = 0.01, 0.05
+  step = {"additive_step": 0.2} if rule == "additive" else {}
+  capped = talr.scale_by_talr(0.05, levels_fn, learning_rate=lr, ema_momentum=0.5, rule=rule,
+                              max_talr=cap, **step)
+  free = talr.scale_by_talr(0.05, levels_fn, learning_rate=lr, ema_momentum=0.5, rule=rule,
+                            **step)
+  tiny = {"w": jnp.full((40,), 1e-6)}
+  s_capped, s_free = capped.init(params), free.init(params)
+  for _ in range(30):
+    u, s_capped = capped.update(tiny, s_capped, params)
+    _, s_free = free.update(tiny, s_free, params)
+    assert float(s_capped.talr[0]) <= cap + 1e-9
+  assert float(s_free.talr[0]) > 2 * cap, "without the cap U grows past it"
+  assert float(s_capped.talr[0]) == pytest.approx(cap)
+  if rule == "multiplicative":
+    np.testing.assert_allclose(s_capped.talr, lr * s_capped.talr_scale, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"max_talr must be in \[0.01, inf\)"):
+    talr.scale_by_talr(0.05, levels_fn, learning_rate=lr, max_talr=0.001)
+  tx = talr.sgdt(lr, 0.05, levels_fn, max_talr=cap, ema_momentum=0.5)
+  state = tx.init(params)
+  for _ in range(30):
+    _, state = tx.update(tiny, state, params)
+  assert float(talr.metrics(state)["talr/w"]) == pytest.approx(cap)
