@@ -47,8 +47,9 @@ ANNEAL_START = 0.25
 FREEZE_INITIAL_THRESHOLD = 0.1
 # The paper's lambda of R_0 = lambda sqrt(bits): the library's default.
 DEFAULT_LAMBDA = 5e-3
-# The measured-R_0 rule each task's measured arm runs (see qat_study.RULES).
-MEASURED_RULE = "per_group"
+# The measured-R_0 rule the measured arms run: chosen among RULES on the tuning
+# seed of both tasks (``qat_study.py --rules``; docs/study.md says how).
+MEASURED_RULE = "half"
 
 
 def freeze_ema_momentum(steps: int) -> float:

@@ -168,7 +168,7 @@ class StudyConfig:
 
   task: str = "lm"
   bits: tuple[int, ...] = (2,)
-  seeds: int = 10
+  seeds: int = 12
   arms: tuple[str, ...] = ()
   quick: bool = False
   lm: T.LMSettings = T.LMSettings()
@@ -186,7 +186,7 @@ class StudyConfig:
     return 2 if self.quick else MAX_TUNING_RUNS
 
 
-DEFAULTS = {"lm": dict(bits=(2,), seeds=10), "conv": dict(bits=(2, 3, 4), seeds=16)}
+DEFAULTS = {"lm": dict(bits=(2,), seeds=12), "conv": dict(bits=(2, 3, 4), seeds=16)}
 QUICK = {"lm": dict(bits=(2,), seeds=2, lm=T.LMSettings(
              steps=60, fp_steps=100, width=32, layers=1, context=32, batch_size=8,
              eval_every=30, eval_windows=32)),
@@ -602,7 +602,7 @@ def _parse(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Optional[
   ap.add_argument("--bits", default=None, help="comma-separated bit widths (lm default 2; "
                   "conv default 2,3,4)")
   ap.add_argument("--seeds", type=int, default=None,
-                  help="evaluation seeds, >= 2 (lm default 10; conv default 16)")
+                  help="evaluation seeds, >= 2 (lm default 12; conv default 16)")
   ap.add_argument("--width", type=int, default=None,
                   help="lm model width, even, in [2, 512] (default 80)")
   ap.add_argument("--rules", action="store_true",
