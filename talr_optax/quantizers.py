@@ -285,11 +285,11 @@ class _PerLeaf(NamedTuple):
   scales: list[Any]
   bits: list[Optional[int]]
 
-  def flatten(self, params: Any, owner: str) -> list[Any]:
+  def flatten(self, params: Any, owner: str, role: str = "levels_fn") -> list[Any]:
     try:
       return self.treedef.flatten_up_to(params)
     except (ValueError, TypeError) as e:
-      _checks.raise_if_step_count(params)
+      _checks.raise_if_step_count(params, role)
       raise ValueError(
           f"params do not have the structure of the scales given to {owner}: {e}"
       ) from None
@@ -378,8 +378,8 @@ def centers_fn_from_scales(scales: Any, bits: Any) -> Callable[..., Any]:
   per_leaf = _per_leaf(scales, bits)
 
   def centers_fn(params: Any, levels: Any = None) -> Any:
-    param_leaves = per_leaf.flatten(params, "centers_fn_from_scales")
-    level_leaves = (per_leaf.flatten(levels, "centers_fn_from_scales (levels)")
+    param_leaves = per_leaf.flatten(params, "centers_fn_from_scales", "centers_fn")
+    level_leaves = (per_leaf.flatten(levels, "centers_fn_from_scales (levels)", "centers_fn")
                     if levels is not None else [None] * len(param_leaves))
     out = []
     for p, level, s, b in zip(param_leaves, level_leaves, per_leaf.scales, per_leaf.bits):

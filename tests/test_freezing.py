@@ -437,3 +437,16 @@ def test_ready_optimizers_count_what_is_applied(factory):
     params = new
   assert float(m["frozen_fraction/w"]) > 0.05, "the run must freeze weights"
   assert snapped_steps > 0
+
+
+def test_inject_hyperparams_hint_names_the_callable_left_out():
+  """The hint names centers_fn when it is the callable inject_hyperparams called."""
+  levels_fn, centers_fn = _setup()
+  params = {"w": jnp.linspace(-1, 1, 6), "b": jnp.zeros(2)}
+  tx = optax.inject_hyperparams(talr.freeze_oscillations, static_args=("levels_fn",))(
+      levels_fn, centers_fn, 0.1)
+  with pytest.raises(ValueError, match=r"centers_fn was called with a step count.*"
+                                       r"static_args=\('centers_fn',\)"):
+    tx.init(params)
+  with pytest.raises(ValueError, match="centers_fn must accept \\(params, levels\\).*not levels_fn"):
+    talr.freeze_oscillations(levels_fn, levels_fn, 0.1)

@@ -199,8 +199,11 @@ def levels_fn_for(model: nnx.Module) -> tp.Callable[[tp.Any], tp.Any]:
 
 
 def _map_kernels(params: tp.Any, kernels: dict[str, layers_lib.QuantLayer],
-                 fn: tp.Callable[..., tp.Any]) -> tp.Any:
-  """``fn(layer, kernel, scale, name)`` at every quantized kernel, ``None`` elsewhere."""
+                 fn: tp.Callable[..., tp.Any], role: str = "levels_fn") -> tp.Any:
+  """``fn(layer, kernel, scale, name)`` at every quantized kernel, ``None`` elsewhere.
+
+  ``role`` (``"levels_fn"`` or ``"centers_fn"``) names the function in messages.
+  """
   seen = []
 
   def leaf(name: str, leaf: tp.Any) -> jax.Array | None:
@@ -214,15 +217,15 @@ def _map_kernels(params: tp.Any, kernels: dict[str, layers_lib.QuantLayer],
     want = tuple(layer.kernel.shape)
     if tuple(kernel.shape) != want:
       raise ValueError(
-          f"levels_fn: params at '{name}' have shape {tuple(kernel.shape)}, but that "
-          f"kernel of the model given to levels_fn_for has shape {want}: params must "
+          f"{role}: params at '{name}' have shape {tuple(kernel.shape)}, but that "
+          f"kernel of the model given to {role}_for has shape {want}: params must "
           "be nnx.state(model, nnx.Param) of that model."
       )
     return fn(layer, kernel, _weight_scale(layer, kernel, name), name)
 
   out = _map_with_path(leaf, params)
   if not seen:
-    _raise_foreign_params(params, kernels)
+    _raise_foreign_params(params, kernels, role)
   return out
 
 
@@ -262,7 +265,8 @@ def centers_fn_for(model: nnx.Module) -> tp.Callable[..., tp.Any]:
   def centers_fn(params: tp.Any, levels: tp.Any = None) -> tp.Any:
     if levels is None:
       return _map_kernels(params, kernels, lambda layer, kernel, scale, name:
-                          quantizers.weight_centers(kernel, scale, layer.weight_bits))
+                          quantizers.weight_centers(kernel, scale, layer.weight_bits),
+                          "centers_fn")
     given = dict(_tree.leaves_with_paths(levels))
 
     def of_levels(layer, kernel, scale, name):
@@ -273,20 +277,21 @@ def centers_fn_for(model: nnx.Module) -> tp.Callable[..., tp.Any]:
             f" shape {tuple(kernel.shape)}: pass levels_fn_for(model)(params).")
       return quantizers.level_values(level, scale, layer.weight_bits, kernel.dtype)
 
-    return _map_kernels(params, kernels, of_levels)
+    return _map_kernels(params, kernels, of_levels, "centers_fn")
 
   return centers_fn
 
 
-def _raise_foreign_params(params: tp.Any, kernels: dict[str, tp.Any]) -> tp.NoReturn:
+def _raise_foreign_params(params: tp.Any, kernels: dict[str, tp.Any], role: str
+                          ) -> tp.NoReturn:
   """``params`` hold none of the model's quantized kernel paths: say what was expected."""
-  _checks.raise_if_step_count(params)
+  _checks.raise_if_step_count(params, role)
   expected = ", ".join(f"'{name}'" for name in list(kernels)[:3])
   got = [name or "<the root>" for name, _ in _tree.leaves_with_paths(params)]
   got_text = ", ".join(f"'{g}'" for g in got[:3]) or "no leaves"
   raise ValueError(
-      "levels_fn: params hold none of the quantized kernels of the model given to "
-      f"levels_fn_for (expected paths such as {expected}; got {got_text}). Pass "
+      f"{role}: params hold none of the quantized kernels of the model given to "
+      f"{role}_for (expected paths such as {expected}; got {got_text}). Pass "
       "nnx.state(model, nnx.Param) of that model, or a dict / pure state with its keys."
   )
 

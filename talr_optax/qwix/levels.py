@@ -190,6 +190,7 @@ class QwixLevelsFn:
       ValueError: as for ``__call__``; ``levels`` without a level array for a
         quantized weight.
     """
+    _checks.raise_if_step_count(params, "centers_fn")
     if levels is None:
       return self._map(params, lambda weight, w: weight.centers(w))
     given = dict(_tree.leaves_with_paths(levels))
