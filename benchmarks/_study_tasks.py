@@ -92,7 +92,7 @@ RULES = {
 
 def target_schedule(arm: Arm, bits: int, steps: int, lam: Any) -> talr.TargetSchedule:
   """TALR's target: the cosine from ``lam sqrt(bits)`` (traced), or a measured rule."""
-  if arm.target in RULES:
+  if arm.target in RULES:  # the rule's fields, whatever measured_target's defaults
     return dataclasses.replace(talr.measured_target(steps), **RULES[arm.target])
   unit = optax.cosine_decay_schedule(1.0, steps)
   r0 = lam * math.sqrt(bits)

@@ -187,10 +187,10 @@ class StudyConfig:
 
 
 DEFAULTS = {"lm": dict(bits=(2,), seeds=12), "conv": dict(bits=(2, 3, 4), seeds=16)}
-QUICK = {"lm": dict(bits=(2,), seeds=2, lm=T.LMSettings(
+QUICK = {"lm": dict(bits=(2,), seeds=2, quick=True, lm=T.LMSettings(
              steps=60, fp_steps=100, width=32, layers=1, context=32, batch_size=8,
              eval_every=30, eval_windows=32)),
-         "conv": dict(bits=(2,), seeds=2, conv=T.ConvSettings(
+         "conv": dict(bits=(2,), seeds=2, quick=True, conv=T.ConvSettings(
              epochs=2, fp_epochs=1, bn_batches=5, eval_every_epochs=1))}
 
 

@@ -36,98 +36,153 @@ def _bits(row: dict[str, Any]) -> str:
   return f"W{row['bits']}" if row["bits"] is not None else "full precision"
 
 
-def render_qat_study(results: dict[str, Any], source: str) -> str:
-  """``qat_study.py``: the table, its caption, and a sentence per TALR arm and bit width."""
-  cfg, model, machine = results["config"], results["model"], results["machine"]
-  rows = results["summary"]
-  label = {r["arm"]: r["label"] for r in rows}
-  load = machine.get("load_average_start")
-  n_seeds = max(len(r["seeds"]) for r in rows)
-  kind = ("smoke run (`--quick`): a tiny model and short runs, not evidence"
+_ORDER = {"worse": 0, "no detectable difference": 1, "better": 2}
+_VERB = {"worse": "loses to", "no detectable difference": "shows no detectable difference from",
+         "better": "wins against"}
+
+
+def _width(task: str, bits: Optional[int]) -> str:
+  if bits is None:
+    return "full precision"
+  return f"W{bits}A{bits}" if task == "conv" else f"W{bits}"
+
+
+def _score_fmt(task: str) -> str:
+  return ".2f" if task == "conv" else ".4f"
+
+
+def _unit(task: str) -> str:
+  return "points" if task == "conv" else "bits/byte"
+
+
+def _interval(v: dict[str, Any], task: str) -> str:
+  f = "+" + _score_fmt(task)
+  low, high = v["ci95"]
+  return f"{v['mean']:{f}} {_unit(task)} [{low:{f}}, {high:{f}}]"
+
+
+def _caption(results: dict[str, Any], source: str) -> str:
+  """What the file holds: task, model, lengths, seeds, tuning budget, time and machine."""
+  task, cfg, machine = results["task"], results["config"], results["machine"]
+  name = task["name"]
+  load = machine.get("load_average")
+  seeds = cfg["seeds"]
+  if name == "lm":
+    m, lm = task["model"], cfg["lm"]
+    what = (f"`TransformerLM` width {m['width']}, {m['layers']} layers, "
+            f"{m['quantized_parameters']:,} of its {m['parameters']:,} weights quantized; "
+            f"{lm['fp_steps']} pretraining steps, {lm['steps']} QAT steps; AdamW; validation "
+            "bits per byte")
+  else:
+    m, d, conv = task["model"], task["data"], cfg["conv"]
+    what = (f"`MobileNetV2Tiny`, weights and activations quantized, "
+            f"{m['quantized_parameters']:,} of its {m['parameters']:,} weights; digits, "
+            f"{d['train_images']} training and {d['test_images']} test images; "
+            f"{conv['fp_epochs']} pretraining epochs, {conv['epochs']} QAT epochs "
+            f"({task['steps']} steps); SGD; test error (%) after batch-norm re-estimation")
+  kind = ("smoke run (`--quick`): a tiny setting and short runs, not evidence"
           if cfg.get("quick") else "full run")
-  lines = [
-      f"From `{source}` ({kind}): `TransformerLM` width {model['width']}, "
-      f"{model['layers']} layer{'s' if model['layers'] > 1 else ''}, {model['quantized_parameters']:,} of its {model['parameters']:,} weights "
-      f"quantized; {cfg['fp_steps']} pretraining steps, {cfg['steps']} QAT steps; each arm's "
-      f"knob tuned on seed 0 over {max(len(a['values']) for a in results['arms'])} values, then "
-      f"{n_seeds} other seeds. Validation bits per byte (mean ± std over seeds); "
-      "the paired difference to the best baseline with its 95 % t-interval decides the "
-      "conclusion. The full-precision reference is trained as long as pretraining plus QAT. "
-      f"{results['seconds'] / 60:.1f} minutes on {machine['cpu_count']} cores "
-      f"({machine['cpu_model']}"
-      + (f", {'/'.join(machine['cpu_isa'])}" if machine.get("cpu_isa") else "")
-      + (f", ONEDNN_MAX_CPU_ISA={machine['onednn_max_cpu_isa']}"
-         if machine.get("onednn_max_cpu_isa") else "")
-      + (f", 1-minute load {load[0]:.1f} at the start" if load else "") + ").",
-      "",
-      "| bits | arm | tuned | bits per byte | vs best baseline (95 % CI) | conclusion | "
-      "\\|K-R\\|/R0 | late osc. | frozen |",
-      "|---|---|---|---|---|---|---|---|---|",
-  ]
-  for r in rows:
-    diff = ""
-    if r["paired_diff_ci95"] is not None:
-      low, high = r["paired_diff_ci95"]
-      diff = f"{r['paired_diff_vs_best_baseline']:+.4f} [{low:+.4f}, {high:+.4f}] ({label[r['best_baseline']]})"
-    lines.append(
-        f"| {_bits(r)} | {r['label']} | {r['knob']} {r['tuned_value']:g} | "
-        f"{r['mean']:.4f} ± {r['std']:.4f} | {diff} | {r['conclusion'] or ''} | "
-        f"{_num(r['tracking_error'], '.3f')} | {_num(r['late_oscillation'], '.1e')} | "
-        f"{_num(r['frozen_fraction'], '.3f')} |")
+  return (f"From `{source}` ({kind}): {what}. Each arm's knob tuned on seed 0 (at most "
+          f"{results['settings']['max_tuning_runs']} values, extended until the choice is "
+          f"interior), then {seeds} other seeds; paired 95 % t-intervals. "
+          f"{results['seconds'] / 60:.1f} minutes on {machine['cpu_count']} cores "
+          f"({machine['cpu_model']}"
+          + (f", {'/'.join(machine['cpu_isa'])}" if machine.get("cpu_isa") else "")
+          + (f", 1-minute load {load[0]:.1f} at the start" if load else "") + ").")
+
+
+def render_study_verdicts(results: dict[str, Any], source: str) -> str:
+  """``qat_study.py``: the verdicts, TALR's losses first, and the caveats."""
+  s, name = results["summary"], results["task"]["name"]
+  labels = {r["arm"]: r["label"] for r in s["rows"]}
+  lines = [_caption(results, source), ""]
+  verdicts = sorted(s["verdicts"], key=lambda v: (_ORDER[v["conclusion"]], v["bits"]))
+  counts = {c: sum(v["conclusion"] == c for v in verdicts) for c in _ORDER}
+  lines.append(f"TALR's arms in these comparisons: worse in {counts['worse']}, no detectable "
+               f"difference in {counts['no detectable difference']}, better in "
+               f"{counts['better']} of {len(verdicts)}.")
   lines.append("")
-  talr_rows = [r for r in rows if r["arm"].startswith("adamwt") and r["conclusion"] is not None]
-  # Losses first, then ties, then wins: where TALR loses is what a reader needs first.
-  order = {"worse": 0, "no detectable difference": 1, "better": 2}
-  talr_rows.sort(key=lambda r: (order.get(r["conclusion"], 1), r["bits"], r["arm"]))
-  counts = {c: sum(r["conclusion"] == c for r in talr_rows) for c in order}
-  if talr_rows:
-    lines.append(f"TALR's arms against the best baseline of their bit width: worse in "
-                 f"{counts['worse']}, no detectable difference in "
-                 f"{counts['no detectable difference']}, better in {counts['better']} of "
-                 f"{len(talr_rows)} comparisons.")
+  for v in verdicts:
+    n = v["n"]
+    lines.append(f"- {_width(name, v['bits'])}, {v['comparison']}: {labels[v['arm']]} "
+                 f"{_VERB[v['conclusion']]} {labels[v['reference']]} ({_interval(v, name)}, "
+                 f"lower on {v['lower_on']} of {n} seeds).")
+  edges = s["at_grid_edge"]
+  if edges:
     lines.append("")
-  for r in talr_rows:
-    low, high = r["paired_diff_ci95"]
-    verdict = {"better": "wins against", "worse": "loses to"}.get(
-        r["conclusion"], "shows no detectable difference from")
-    lines.append(f"- {_bits(r)}: {r['label']} {verdict} {label[r['best_baseline']]} "
-                 f"({r['paired_diff_vs_best_baseline']:+.4f} bits/byte, 95 % CI "
-                 f"[{low:+.4f}, {high:+.4f}], lower on {r['better_on_seeds']} of "
-                 f"{len(r['seeds'])} seeds).")
-  return "\n".join(lines).rstrip()
-
-
-def render_qat_study_vs_adamw(results: dict[str, Any], source: str) -> str:
-  """``qat_study.py``: every QAT arm against plain AdamW, the optimizer the others add to."""
-  lines = [f"From `{source}`: each arm minus plain AdamW, paired over the seeds (95 % CI).", ""]
-  for r in results["summary"]:
-    if r.get("paired_diff_vs_adamw_ci95") is None:
-      continue
-    low, high = r["paired_diff_vs_adamw_ci95"]
-    lines.append(f"- {_bits(r)}: {r['label']}: {r['conclusion_vs_adamw']} "
-                 f"({r['paired_diff_vs_adamw']:+.4f} bits/byte [{low:+.4f}, {high:+.4f}], "
-                 f"lower on {r['better_than_adamw_on_seeds']} of {len(r['seeds'])} seeds).")
+    lines.append("Caveat, first: " + "; ".join(
+        f"{_width(name, e['bits'])} {labels[e['arm']]}'s chosen value {e['chosen']:g} is at an "
+        "end of its grid" for e in edges) + ".")
+  else:
+    lines.append("")
+    lines.append("Every tuned arm's chosen value is interior to its grid (both neighbours "
+                 "tried and worse, or diverged).")
   return "\n".join(lines)
 
 
-def render_qat_study_tuning(results: dict[str, Any], source: str) -> str:
-  """``qat_study.py``: each arm's tuning on seed 0, the values tried and the one chosen."""
-  lines = [
-      f"From `{source}`: final validation bits per byte on the tuning seed 0 for each "
-      "value tried (**bold**: chosen, the lowest); an arm with a base runs at its base "
-      "arm's chosen value.",
-      "",
-      "| bits | arm | knob | values tried (seed-0 bits per byte) | chosen at an end of the grid |",
-      "|---|---|---|---|---|",
-  ]
-  for r in results["summary"]:
-    tried = sorted(r["tuning"], key=lambda t: t["value"])
-    cells = [(f"**{t['value']:g}: {t['seed0_bits_per_byte']:.4f}**"
-              if t["value"] == r["tuned_value"] else
-              f"{t['value']:g}: {t['seed0_bits_per_byte']:.4f}") for t in tried]
-    edge = r["tuned_value"] in (tried[0]["value"], tried[-1]["value"])
-    lines.append(f"| {_bits(r)} | {r['label']} | {r['knob']} | {', '.join(cells)} | "
-                 f"{'yes' if edge else 'no'} |")
+def render_study_table(results: dict[str, Any], source: str) -> str:
+  """``qat_study.py``: every arm's row (mean, interval against the best baseline, diagnostics)."""
+  s, name = results["summary"], results["task"]["name"]
+  labels = {r["arm"]: r["label"] for r in s["rows"]}
+  f = _score_fmt(name)
+  conv = name == "conv"
+  header = ["bits", "arm", "tuned", "score", "vs best baseline (95 % CI)", "conclusion"]
+  if conv:
+    header[3:3] = ["as trained"]
+    header += ["re-estimation effect"]
+  header += ["\\|K-R\\|/R0", "late osc.", "frozen"]
+  lines = [_caption(results, source), "", "| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  for r in s["rows"]:
+    v = r.get("vs_best_baseline")
+    tuned = "" if r["knob"] is None else f"{r['knob']} {r['chosen']:g}"
+    cells = [_width(name, r["bits"]), r["label"], tuned, f"{r['mean']:{f}} ± {r['std']:{f}}",
+             "" if v is None else f"{_interval(v, name)} vs {labels[v['reference']]}",
+             "" if v is None else v["conclusion"]]
+    if conv:
+      cells[3:3] = [_num(r.get("mean_as_trained"), f)]
+      e = r.get("reestimation_effect")
+      cells += ["" if e is None else f"{e['mean']:+.2f} [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]"]
+    cells += [_num(r["tracking_error"], ".3f"), _num(r["late_oscillation"], ".1e"),
+              _num(r["frozen_fraction"], ".3f")]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def render_study_tuning(results: dict[str, Any], source: str) -> str:
+  """``qat_study.py``: each tuned arm's values tried on seed 0 and the one chosen."""
+  s, name = results["summary"], results["task"]["name"]
+  f = _score_fmt(name)
+  lines = [f"From `{source}`: the score on the tuning seed 0 of every value tried (**bold**: "
+           "chosen, the lowest); an arm that needs another arm's value runs at its chosen one.",
+           "", "| bits | arm | knob | values tried (seed-0 score) | interior |", "|---|---|---|---|---|"]
+  for r in s["rows"]:
+    if r["knob"] is None:
+      continue
+    cells = []
+    for t in sorted(r["tried"], key=lambda t: t["value"]):
+      score = t["seed0"]
+      text = f"{t['value']:.3g}: " + ("diverged" if score is None or score != score
+                                      else format(score, f))
+      cells.append(f"**{text}**" if t["value"] == r["chosen"] else text)
+    lines.append(f"| {_width(name, r['bits'])} | {r['label']} | {r['knob']} | "
+                 f"{', '.join(cells)} | {'yes' if r['interior'] else 'no'} |")
+  return "\n".join(lines)
+
+
+def render_study_rules(results: dict[str, Any], source: str) -> str:
+  """``qat_study.py --rules``: the measured-R_0 rules on the tuning seed."""
+  name = results["task"]["name"]
+  f = _score_fmt(name)
+  rules = list(results["rules"])
+  lines = [f"From `{source}`: seed 0, at the base optimizer's learning rate tuned on seed 0; "
+           "the measured `R_0` is the mean over rate groups.", "",
+           "| bits | base optimizer (lr) | " + " | ".join(f"`{r}`: score (R0)" for r in rules) + " |",
+           "|" + "---|" * (2 + len(rules))]
+  for row in results["rows"]:
+    cells = [f"{row['rules'][r]['seed0']:{f}} ({row['rules'][r]['r0']:.1e})" for r in rules]
+    lines.append(f"| {_width(name, row['bits'])} | {row['base_seed0']:{f}} "
+                 f"({row['base_lr']:g}) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -217,41 +272,22 @@ def render_state_bytes(results: dict[str, Any], source: str) -> str:
   return "\n".join(lines)
 
 
-def render_bn_reestimation(results: dict[str, Any], source: str) -> str:
-  """``bn_reestimation.py``: each method before and after, and SGDT minus SGD."""
-  cfg, meta = results["config"], results["meta"]
-  seeds = len({r["seed"] for r in results["runs"]})
-  lines = [
-      f"From `{source}`: MobileNetV2Tiny W{cfg['bits'][0]}A{cfg['bits'][0]} on digits, "
-      f"{cfg['fp_epochs']} pretraining epochs (seed 0), {cfg['epochs']} QAT epochs, "
-      f"{seeds} seeds, re-estimation over {results['bn_batches']} training batches; test "
-      "accuracy (%), paired differences in percentage points with their 95 % t-interval. "
-      f"{results['seconds'] / 60:.1f} minutes on {meta['cpu_count']} cores ({meta['cpu_model']}).",
-      "",
-      "| comparison | as trained | re-estimated | paired difference (95 % CI) | conclusion |",
-      "|---|---|---|---|---|",
-  ]
-  for r in results["summary"]:
-    low, high = r["ci95"]
-    lines.append(f"| {r['comparison']} | {_num(r.get('mean_before'), '.2f')} | "
-                 f"{_num(r.get('mean_after'), '.2f')} | {r['mean']:+.2f} [{low:+.2f}, {high:+.2f}] "
-                 f"(higher on {r['higher_on']} of {seeds}) | {r['conclusion']} |")
-  return "\n".join(lines)
-
-
 # name -> (default results file relative to the repository root, renderer). A renderer
 # takes the loaded results and the path the page should name, and returns Markdown
 # without a trailing newline.
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any], str], str]]] = {
-    "qat_study": ("benchmarks/results/qat_study/results.json", render_qat_study),
-    "qat_study_vs_adamw": ("benchmarks/results/qat_study/results.json",
-                           render_qat_study_vs_adamw),
-    "qat_study_tuning": ("benchmarks/results/qat_study/results.json", render_qat_study_tuning),
+    **{f"study_{t}": (f"benchmarks/results/qat_study/{t}.json", render_study_verdicts)
+       for t in ("lm", "conv")},
+    **{f"study_{t}_table": (f"benchmarks/results/qat_study/{t}.json", render_study_table)
+       for t in ("lm", "conv")},
+    **{f"study_{t}_tuning": (f"benchmarks/results/qat_study/{t}.json", render_study_tuning)
+       for t in ("lm", "conv")},
+    **{f"study_{t}_rules": (f"benchmarks/results/qat_study/{t}_rules.json", render_study_rules)
+       for t in ("lm", "conv")},
     "ema_momentum": ("benchmarks/results/ema_momentum.json", render_ema_momentum),
     "train_step": ("benchmarks/results/train_step.json", render_train_step),
     "optimizer_step": ("benchmarks/results/optimizer_step.json", render_optimizer_step),
     "state_bytes": ("benchmarks/results/state_bytes.json", render_state_bytes),
-    "bn_reestimation": ("benchmarks/results/bn_reestimation.json", render_bn_reestimation),
 }
 
 
@@ -310,6 +346,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if name not in TABLES or not path:
       ap.error(f"--source must be NAME=PATH with NAME in {sorted(TABLES)}, got {item!r}")
     sources[name] = path
+  if not any(f"<!-- results:{name} begin -->" in text for name in TABLES):
+    print(f"{args.readme} holds no generated block (<!-- results:NAME begin -->, NAME in "
+          f"{sorted(TABLES)}): nothing to {'check' if args.check else 'write'}")
+    return 1
   new = render_all(text, sources)
   if args.check:
     if new != text:

@@ -157,26 +157,28 @@ def cosine_target(init_rate: float, total_steps: int, final_rate: float = 0.0
       alpha=float(final_rate) / float(init_rate)), total_steps)
 
 
-def measured_target(total_steps: int, *, measure_steps: Optional[int] = None
-                    ) -> TargetSchedule:
+def measured_target(total_steps: int, *, measure_steps: Optional[int] = None,
+                    fraction: float = 0.5) -> TargetSchedule:
   """A cosine target from the transition rate the base learning rate gives.
 
   :func:`talr_optax.scale_by_talr` (and the ready optimizers) run the first
   ``W = measure_steps`` updates at the base learning rate ``U_0``, measuring
   each rate group's transition rate; ``K`` is their running mean. After
-  update ``W - 1``, ``R_0`` is that mean (at least one transition per group
-  in the ``W`` updates), and the target is the cosine
+  update ``W - 1``, ``R_0`` is ``fraction`` times that mean (at least one
+  transition per group in the ``W`` updates), and the target is the cosine
   ``R_t = R_0 (1 + cos(pi t / T)) / 2``, followed by TALR as usual.
 
-  So ``R_0`` is not tuned: it is what the learning rate you would use without
-  TALR does to this model at the start of QAT, and TALR then decays the
-  *rate of change* of the quantized network with a cosine, instead of the
-  learning rate.
+  So ``R_0`` is not tuned: it follows from the learning rate you would use
+  without TALR, and TALR then decays the *rate of change* of the quantized
+  network with a cosine, instead of the learning rate. ``fraction=0.5`` is
+  the rule the study chose on its tuning seed among three (docs/study.md):
+  the first updates of QAT change levels faster than the run can sustain.
 
   Args:
     total_steps: ``T``, the number of training steps (an int > 0).
     measure_steps: ``W`` in ``[1, T]``; ``None``: the EMA horizon of
       :func:`ema_momentum_for` (``T / 50`` in ``[10, 100]``, at most ``T``).
+    fraction: ``R_0`` over the measured rate, in ``(0, 1]``.
 
   Returns:
     A measured :class:`TargetSchedule`.
@@ -186,4 +188,4 @@ def measured_target(total_steps: int, *, measure_steps: Optional[int] = None
     measure_steps = min(total_steps, round(1.0 / (1.0 - ema_momentum_for(total_steps))))
   measure_steps = _checks.check_int("measure_steps", measure_steps, 1, total_steps)
   return TargetSchedule(optax.cosine_decay_schedule(1.0, total_steps), total_steps,
-                        measure_steps=measure_steps)
+                        measure_steps=measure_steps, measure_fraction=fraction)

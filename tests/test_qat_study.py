@@ -104,6 +104,18 @@ def test_bad_flags_exit_before_training(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task", ["lm", "conv"])
+def test_quick_is_the_smoke_setting(task, tmp_path):
+  """--quick sets the smoke settings: two values per knob, two seeds, short runs."""
+  _, cfg = qat_study._parse(["--task", task, "--quick", "--out", str(tmp_path)])  # pylint: disable=protected-access
+  assert cfg.quick and cfg.seeds == 2 and cfg.bits == (2,) and cfg.max_tuning_runs == 2
+  assert all(len(a.start) == 2 for a in cfg.specs() if a.knob)
+  assert (cfg.lm.steps if task == "lm" else cfg.conv.epochs) < 100
+  _, full = qat_study._parse(["--task", task, "--out", str(tmp_path)])  # pylint: disable=protected-access
+  assert not full.quick and full.max_tuning_runs == qat_study.MAX_TUNING_RUNS
+  assert full.seeds == (12 if task == "lm" else 16)
+
+
 def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys):
   blocker = tmp_path / "file"
   blocker.write_text("")

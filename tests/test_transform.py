@@ -478,7 +478,7 @@ def test_measured_target_with_no_transitions_keeps_a_floor():
   """A base rate that moves no weight in W updates gives R_0 = one transition per group."""
   params = {"w": jnp.full((10,), 0.1)}
   levels_fn = talr.levels_fn_from_scales({"w": 1.0}, 2)
-  tx = talr.scale_by_talr(talr.measured_target(20, measure_steps=4), levels_fn,
+  tx = talr.scale_by_talr(talr.measured_target(20, measure_steps=4, fraction=1.0), levels_fn,
                           learning_rate=1e-6)
   state = tx.init(params)
   for _ in range(4):
@@ -513,6 +513,8 @@ def test_measured_target_arguments():
   with pytest.raises(ValueError, match="total_steps"):
     talr.measured_target(0)
   assert talr.measured_target(2000).measure_steps == 40  # the EMA horizon T / 50
+  assert talr.measured_target(2000).measure_fraction == 0.5
+  assert not talr.measured_target(2000).measure_pooled
   assert talr.measured_target(5).measure_steps == 5
   with pytest.raises(ValueError, match="measure_fraction"):
     dataclasses.replace(talr.measured_target(100), measure_fraction=0.0)
