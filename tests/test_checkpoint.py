@@ -189,3 +189,47 @@ def test_the_recipe_names_the_setting_a_restore_changes(tmp_path, saved, here, m
     assert "strict" not in str(info.value)
   assert recipe["restore"](manager, _sgdt_state(**saved))[0] == 1
   manager.close()
+
+
+def _remedy_states(layer_axes=None, sample_size=None):
+  """A freezing stage around TALR and an oscillation monitor, on two stacked kernels."""
+  import optax  # pylint: disable=import-outside-toplevel
+  params = {"a": jnp.linspace(-1.0, 1.0, 3 * 64).reshape(3, 8, 8), "b": jnp.zeros(4)}
+  scales = {"a": 1.0, "b": None}
+  levels_fn = talr.levels_fn_from_scales(scales, 2)
+  centers_fn = talr.centers_fn_from_scales(scales, 2)
+  tx = optax.chain(
+      talr.freeze_oscillations(levels_fn, centers_fn, 0.1, layer_axes=layer_axes, inner=optax.sgd(0.1)),
+      talr.track_oscillations(levels_fn, layer_axes=layer_axes, sample_size=sample_size))
+  return tx.init(params)
+
+
+@pytest.mark.parametrize("changed,match", [
+    (dict(layer_axes={"a": 0, "b": None}), "layer_axes or granularity differs"),
+    (dict(sample_size=16), "sample_size differs"),
+])
+def test_check_restorable_names_the_remedies_settings(changed, match):
+  """Freezing's and the monitor's fields are classified like TALR's (not 'the model differs')."""
+  with pytest.raises(ValueError, match=match):
+    talr.check_restorable(_remedy_states(), _remedy_states(**changed))
+
+
+def test_check_restorable_names_sample_size_from_the_monitor_frequency_alone():
+  """Only the monitor's per-weight frequency differs: still 'sample_size differs'."""
+  saved, like = _remedy_states(), _remedy_states(sample_size=16)
+  monitor = saved[1]
+  only_frequency = (saved[0], monitor._replace(last_direction=like[1].last_direction))
+  with pytest.raises(ValueError, match="sample_size differs"):
+    talr.check_restorable(only_frequency, like)
+
+
+@pytest.mark.parametrize("saved,like,match", [
+    (None, "state", "saved holds no arrays"),
+    ("state", {}, "like holds no arrays"),
+    ({"x": jnp.zeros(2)}, "state", "no array path in common"),
+])
+def test_check_restorable_refuses_what_it_cannot_compare(saved, like, match):
+  state = _remedy_states()
+  pick = lambda x: state if x == "state" else x
+  with pytest.raises(ValueError, match=match):
+    talr.check_restorable(pick(saved), pick(like))
