@@ -1,14 +1,18 @@
 """Shared pieces of the TALR benchmarks: tensors, optimizers, interleaved timing, JSON.
 
-Not a benchmark itself. Every script in ``benchmarks/`` measures its two sides
-(plain Optax and TALR) in the same process, interleaved: after compilation and
+Not a benchmark itself. Every script that times TALR (``optimizer_step``,
+``train_step``, ``remedies_step``; ``scaling`` reads ``optimizer_step``'s file)
+measures its two sides (plain Optax and TALR) in the same process, interleaved: after compilation and
 warm-up, each *round* calls every variant once, in an order shuffled per round,
 and each call ends with ``jax.block_until_ready``. The reported numbers are the
 median and interquartile range (IQR) of the rounds, the ratio of medians
 against the plain baseline of the same rounds, and the IQR of the per-round
 ratios (variant time / baseline time in the same round), which cancels part of
 the noise of a shared machine. Minor page faults per call come from
-``resource.getrusage`` (``ru_minflt``).
+``resource.getrusage`` (``ru_minflt``). ``state_bytes`` and ``recompiles`` count
+bytes and compilations; the studies (``qat_study``, ``sampling_fidelity``,
+``ema_momentum``) compare training results, not times. They use the JSON and
+machine-record helpers here.
 """
 
 from __future__ import annotations
