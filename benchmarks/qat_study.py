@@ -308,8 +308,9 @@ def study(cfg: StudyConfig, task: Any) -> dict[str, Any]:
         value, _, interior = bracket(spec.start, spec.factor, spec.upper, cfg.max_tuning_runs,
                                      score_at)
       chosen[spec.name] = _values(spec, chosen, value)
+      width = "fp" if bits is None else f"W{bits}"
       for v, r in seed0.items():
-        print(f"  tune W{bits} {spec.label} {spec.knob}={v}: {r['final']:.4f}"
+        print(f"  tune {width} {spec.label} {spec.knob}={v}: {r['final']:.4f}"
               + (" (chosen)" if v == value else ""), flush=True)
       tuning.append({"arm": spec.name, "bits": bits, "knob": spec.knob, "chosen": value,
                      "interior": interior, "values": chosen[spec.name],
@@ -319,7 +320,7 @@ def study(cfg: StudyConfig, task: Any) -> dict[str, Any]:
                for r in seed0.values()]
       mine = [train(s, value) for s in eval_seeds]
       runs += mine
-      print(f"W{bits} {spec.label}: {np.mean([r['final'] for r in mine]):.4f} over seeds "
+      print(f"{width} {spec.label}: {np.mean([r['final'] for r in mine]):.4f} over seeds "
             f"{eval_seeds} ({time.perf_counter() - start:.0f} s)", flush=True)
   return {
       "config": dataclasses.asdict(cfg),
