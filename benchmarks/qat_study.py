@@ -504,6 +504,7 @@ def plot(results: dict[str, Any], out: Path, stem: str) -> list[str]:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
   s, metric = results["summary"], results["task"]["metric_label"]
   bits = sorted({r["bits"] for r in s["rows"] if r["bits"] is not None})
   paths = []
@@ -541,9 +542,12 @@ def plot(results: dict[str, Any], out: Path, stem: str) -> list[str]:
       ax.plot([r["chosen"]], [dict(zip(xs, ys))[r["chosen"]]], "*", ms=10,
               color=line.get_color())
     ax.set_xscale("log")
+    values = sorted({t["value"] for r in sel for t in r["tried"]})
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(values, [f"{v:.3g}" for v in values], fontsize=6, rotation=45)
     ax.set_title(sel[0]["label"], fontsize=8)
     ax.set_xlabel(sel[0]["knob"], fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=6)
   axes[0][0].set_ylabel(f"seed 0: {results['task']['metric']}", fontsize=8)
   save(fig, "tuning")
