@@ -61,6 +61,9 @@ def _interval(v: dict[str, Any], task: str) -> str:
   return f"{v['mean']:{f}} {_unit(task)} [{low:{f}}, {high:{f}}]"
 
 
+_KNOB = {"lr": "lr", "lam": "lambda", "strength": "strength", "threshold": "threshold"}
+
+
 def _caption(results: dict[str, Any], source: str) -> str:
   """What the file holds: task, model, lengths, seeds, tuning budget, time and machine."""
   task, cfg, machine = results["task"], results["config"], results["machine"]
@@ -135,7 +138,7 @@ def render_study_table(results: dict[str, Any], source: str) -> str:
            "|" + "---|" * len(header)]
   for r in s["rows"]:
     v = r.get("vs_best_baseline")
-    tuned = "" if r["knob"] is None else f"{r['knob']} {r['chosen']:g}"
+    tuned = "" if r["knob"] is None else f"{_KNOB[r['knob']]} {r['chosen']:g}"
     cells = [_width(name, r["bits"]), r["label"], tuned, f"{r['mean']:{f}} ± {r['std']:{f}}",
              "" if v is None else f"{_interval(v, name)} vs {labels[v['reference']]}",
              "" if v is None else v["conclusion"]]
@@ -146,6 +149,20 @@ def render_study_table(results: dict[str, Any], source: str) -> str:
     cells += [_num(r["tracking_error"], ".3f"), _num(r["late_oscillation"], ".1e"),
               _num(r["frozen_fraction"], ".3f")]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def render_study_vs_base(results: dict[str, Any], source: str) -> str:
+  """``qat_study.py``: every arm against the task's plain optimizer, the one the others add to."""
+  s, name = results["summary"], results["task"]["name"]
+  rows = [r for r in s["rows"] if r.get("vs_base")]
+  base = {r["arm"]: r["label"] for r in s["rows"]}[rows[0]["vs_base"]["reference"]] if rows else ""
+  lines = [f"From `{source}`: each arm minus plain {base}, paired over the evaluation seeds "
+           "(95 % CI).", ""]
+  for r in rows:
+    v = r["vs_base"]
+    lines.append(f"- {_width(name, r['bits'])}: {r['label']}: {v['conclusion']} "
+                 f"({_interval(v, name)}, lower on {v['lower_on']} of {v['n']} seeds).")
   return "\n".join(lines)
 
 
@@ -165,7 +182,7 @@ def render_study_tuning(results: dict[str, Any], source: str) -> str:
       text = f"{t['value']:.3g}: " + ("diverged" if score is None or score != score
                                       else format(score, f))
       cells.append(f"**{text}**" if t["value"] == r["chosen"] else text)
-    lines.append(f"| {_width(name, r['bits'])} | {r['label']} | {r['knob']} | "
+    lines.append(f"| {_width(name, r['bits'])} | {r['label']} | {_KNOB[r['knob']]} | "
                  f"{', '.join(cells)} | {'yes' if r['interior'] else 'no'} |")
   return "\n".join(lines)
 
@@ -281,6 +298,8 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any], str], str]]] = {
     **{f"study_{t}_table": (f"benchmarks/results/qat_study/{t}.json", render_study_table)
        for t in ("lm", "conv")},
     **{f"study_{t}_tuning": (f"benchmarks/results/qat_study/{t}.json", render_study_tuning)
+       for t in ("lm", "conv")},
+    **{f"study_{t}_vs_base": (f"benchmarks/results/qat_study/{t}.json", render_study_vs_base)
        for t in ("lm", "conv")},
     **{f"study_{t}_rules": (f"benchmarks/results/qat_study/{t}_rules.json", render_study_rules)
        for t in ("lm", "conv")},
