@@ -223,6 +223,13 @@ def test_a_subset_of_arms_summarizes_without_the_missing_ones():
   assert [(v["arm"], v["reference"]) for v in s["verdicts"]] == [("sgdt", "sgd")]
 
 
+@pytest.mark.parametrize("steps, momentum", [(2000, 0.995), (560, 1 - 1 / 56), (10, 0.0),
+                                             (7, 0.0)])
+def test_freezing_momentum_averages_over_a_tenth_of_the_run_and_never_below_one_step(
+    steps, momentum):
+  assert _study_tasks.freeze_ema_momentum(steps) == pytest.approx(momentum)
+
+
 # ---------------------------------------------------------------------------
 # A tiny real study: every piece runs, the file recomputes, a rerun is identical.
 
@@ -230,8 +237,8 @@ def test_a_subset_of_arms_summarizes_without_the_missing_ones():
 def test_tiny_conv_study_writes_a_file_that_recomputes_and_reruns_identically(tmp_path):
   cfg = qat_study.StudyConfig(
       task="conv", bits=(2,), seeds=2, arms=("sgd", "sgd_freezing", "sgdt"),
-      quick=True, conv=_study_tasks.ConvSettings(epochs=1, fp_epochs=1, bn_batches=2,
-                                                 eval_every_epochs=1))
+      quick=True, conv=_study_tasks.ConvSettings(epochs=1, fp_epochs=1, batch_size=128,
+                                                 bn_batches=2, eval_every_epochs=1))
   task = qat_study.make_task(cfg)
   task.prepare()
   results = qat_study.study(cfg, task)

@@ -203,7 +203,8 @@ def test_sgdt_under_nnx_jit_counts_transitions():
     rates.append(float(jnp.mean(after != before)))
   m = talr_optax.metrics(nnx.as_pure(optimizer.opt_state))
   assert set(m) == {f"{f}/fc2/kernel" for f in
-                    ("talr", "transition_rate", "ema_transition_rate", "target_transition_rate")}
+                    ("talr", "transition_rate", "ema_transition_rate", "target_transition_rate",
+                     "talr_scale", "initial_target_rate")}
   # k of the last update: the transitions that update itself caused.
   assert float(m["transition_rate/fc2/kernel"]) == pytest.approx(rates[-1])
   assert sum(rates) > 0
