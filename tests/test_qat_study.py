@@ -237,8 +237,8 @@ def test_freezing_momentum_averages_over_a_tenth_of_the_run_and_never_below_one_
 def test_tiny_conv_study_writes_a_file_that_recomputes_and_reruns_identically(tmp_path):
   cfg = qat_study.StudyConfig(
       task="conv", bits=(2,), seeds=2, arms=("sgd", "sgd_freezing", "sgdt"),
-      quick=True, conv=_study_tasks.ConvSettings(epochs=1, fp_epochs=1, batch_size=128,
-                                                 bn_batches=2, eval_every_epochs=1))
+      quick=True, conv=_study_tasks.ConvSettings(epochs=1, fp_epochs=1, bn_batches=2,
+                                                 eval_every_epochs=1))
   task = qat_study.make_task(cfg)
   task.prepare()
   results = qat_study.study(cfg, task)
